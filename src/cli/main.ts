@@ -1,0 +1,263 @@
+import { Command, CommanderError, Option } from "commander";
+import { KilnError, toKilnError } from "../errors.js";
+import {
+  describeImage,
+  type ImageRecord,
+  type IngestProgress,
+  type IngestResult,
+  importArchive,
+  inspectImage,
+  listImages,
+  pull,
+  removeImages,
+} from "../images.js";
+import { parsePlatform } from "../registry/platform.js";
+import { defaultRoot } from "../store/root.js";
+import { ago, formatBytes, shortDigest, table } from "./format.js";
+import { lineProgress, ttyProgress } from "./progress.js";
+
+interface GlobalOptions {
+  root?: string;
+  json?: boolean;
+  quiet?: boolean;
+  verbose?: boolean;
+}
+
+const collect = (value: string, previous: string[] = []) => [...previous, value];
+
+function globals(cmd: Command): GlobalOptions & { root: string } {
+  const g = cmd.optsWithGlobals() as GlobalOptions;
+  return { ...g, root: g.root ?? defaultRoot() };
+}
+
+function out(text: string): void {
+  process.stdout.write(`${text}\n`);
+}
+
+function json(value: unknown): void {
+  out(JSON.stringify(value, null, 2));
+}
+
+/** Progress on a TTY (bars) or with --verbose (lines); nothing with --json or --quiet. */
+function progressFor(g: GlobalOptions): (IngestProgress & { stop?(): void }) | undefined {
+  if (g.json || g.quiet) return undefined;
+  if (process.stderr.isTTY) return ttyProgress(process.stderr);
+  if (g.verbose) return lineProgress(process.stderr);
+  return undefined;
+}
+
+function summary(r: IngestResult, verb: string): string {
+  const img = r.image;
+  const name = img.ref ?? "(untagged)";
+  return `${verb} ${name} ${img.platform} ${img.manifestDigest} (${img.layers.length} layers: ${r.downloaded} fetched, ${r.present} present; ${formatBytes(img.size)})`;
+}
+
+function pullJson(r: IngestResult) {
+  return { ...describeImage(r.image), downloaded: r.downloaded, present: r.present };
+}
+
+function abortOnSignal(): AbortController {
+  const ac = new AbortController();
+  const onSignal = (sig: NodeJS.Signals) => ac.abort(new KilnError("INTERNAL", `interrupted by ${sig}`));
+  process.once("SIGINT", onSignal);
+  process.once("SIGTERM", onSignal);
+  return ac;
+}
+
+export function buildProgram(): Command {
+  const program = new Command("kiln")
+    .description("Turn OCI and Docker container images into root filesystems that microVMs boot")
+    .version("0.1.0")
+    .option(
+      "--root <dir>",
+      "store directory (env KILN_ROOT; default $XDG_DATA_HOME/kiln or ~/.local/share/kiln)",
+    )
+    .option("--json", "machine-readable output")
+    .option("-q, --quiet", "print only what was asked for (no progress)")
+    .option("-v, --verbose", "more detail (progress lines when stderr is not a terminal)")
+    .exitOverride();
+  // Usage errors get the same one-line shape as every other failure.
+  program.configureOutput({
+    outputError: (text, write) =>
+      write(`kiln: error [INVALID_ARGUMENT]: ${text.replace(/^error: /, "").trim()} (see kiln --help)\n`),
+  });
+
+  program
+    .command("pull")
+    .description("pull an image from a registry into the store")
+    .argument("<ref>", "image reference, e.g. alpine:3.20 or 127.0.0.1:5000/app@sha256:…")
+    .option("--platform <os/arch[/variant]>", "platform to pull from a multi-platform image (default: host)")
+    .option("--creds <user:pass>", "registry credentials (default: docker config / credential helpers)")
+    .option("--insecure-registry <host[:port]>", "allow plain HTTP to this registry (repeatable)", collect)
+    .option("--ca-file <file>", "extra PEM CA certificates to trust")
+    .option("--registry-mirror <url>", "mirror for docker.io (repeatable)", collect)
+    .addOption(new Option("--concurrency <n>", "layers downloaded at once").default(3).argParser(positiveInt))
+    .action(async (ref: string, o, cmd: Command) => {
+      const g = globals(cmd);
+      const progress = progressFor(g);
+      const ac = abortOnSignal();
+      let result: IngestResult;
+      try {
+        result = await pull(ref, {
+          root: g.root,
+          platform: o.platform ? parsePlatform(o.platform) : undefined,
+          creds: o.creds,
+          insecureRegistries: o.insecureRegistry,
+          caFile: o.caFile,
+          registryMirrors: o.registryMirror,
+          concurrency: o.concurrency,
+          progress,
+          signal: ac.signal,
+        });
+      } finally {
+        progress?.stop?.();
+      }
+      if (g.json) json(pullJson(result));
+      else if (g.quiet) out(result.image.manifestDigest);
+      else out(summary(result, "Pulled"));
+    });
+
+  program
+    .command("import")
+    .description("import a docker-archive tar, an OCI archive tar or an OCI layout directory")
+    .argument("<file>", "archive file or OCI layout directory")
+    .option("--tag <ref>", "name for the imported image")
+    .option(
+      "--platform <os/arch[/variant]>",
+      "platform to import from a multi-platform archive (default: host)",
+    )
+    .action(async (file: string, o, cmd: Command) => {
+      const g = globals(cmd);
+      const progress = progressFor(g);
+      const ac = abortOnSignal();
+      let results: IngestResult[];
+      try {
+        results = await importArchive(file, {
+          root: g.root,
+          tag: o.tag,
+          platform: o.platform ? parsePlatform(o.platform) : undefined,
+          progress,
+          signal: ac.signal,
+        });
+      } finally {
+        progress?.stop?.();
+      }
+      if (g.json) json(results.map(pullJson));
+      else if (g.quiet) for (const r of results) out(r.image.manifestDigest);
+      else for (const r of results) out(summary(r, "Imported"));
+    });
+
+  program
+    .command("images")
+    .alias("ls")
+    .description("list the images in the store")
+    .action(async (_o, cmd: Command) => {
+      const g = globals(cmd);
+      const images = await listImages({ root: g.root });
+      if (g.json) return json(images.map(imageRow));
+      if (g.quiet) {
+        for (const i of images) out(i.manifestDigest);
+        return;
+      }
+      const now = Date.now();
+      out(
+        table(
+          ["REPOSITORY", "TAG", "PLATFORM", "DIGEST", "CREATED", "SIZE"],
+          images.map((i) => [
+            i.repository ?? "<none>",
+            i.tag ?? "<none>",
+            i.platform,
+            shortDigest(i.manifestDigest),
+            ago(i.created, now),
+            formatBytes(i.size),
+          ]),
+        ),
+      );
+    });
+
+  program
+    .command("inspect")
+    .description("show an image's digests, layers and runtime config as JSON")
+    .argument("<ref>", "reference, or a unique prefix of the manifest digest")
+    .option("--platform <os/arch[/variant]>", "which platform, when the store holds several for the ref")
+    .action(async (ref: string, o, cmd: Command) => {
+      const g = globals(cmd);
+      json(
+        await inspectImage(ref, {
+          root: g.root,
+          platform: o.platform ? parsePlatform(o.platform) : undefined,
+        }),
+      );
+    });
+
+  program
+    .command("rm")
+    .alias("rmi")
+    .description("remove images from the store (and blobs no other image uses)")
+    .argument("<ref...>", "references or digest prefixes")
+    .option("--platform <os/arch[/variant]>", "which platform, when the store holds several for the ref")
+    .action(async (refs: string[], o, cmd: Command) => {
+      const g = globals(cmd);
+      const r = await removeImages(refs, {
+        root: g.root,
+        platform: o.platform ? parsePlatform(o.platform) : undefined,
+      });
+      if (g.json) {
+        json({
+          removed: r.removed.map(imageRow),
+          failed: r.failed.map((f) => ({ arg: f.arg, code: f.error.code, message: f.error.message })),
+        });
+      } else {
+        for (const img of r.removed)
+          out(`Deleted: ${img.ref ?? "(untagged)"} ${img.platform} ${img.manifestDigest}`);
+        for (const f of r.failed) process.stderr.write(`kiln: error [${f.error.code}]: ${f.error.message}\n`);
+      }
+      if (r.failed.length > 0) process.exitCode = 1;
+    });
+
+  return program;
+}
+
+function imageRow(i: ImageRecord) {
+  return {
+    ref: i.ref,
+    repository: i.repository,
+    tag: i.tag,
+    digest: i.manifestDigest,
+    indexDigest: i.indexDigest,
+    platform: i.platform,
+    size: i.size,
+    created: i.created,
+    layers: i.layers.length,
+  };
+}
+
+function positiveInt(v: string): number {
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 1)
+    throw new KilnError("INVALID_ARGUMENT", `expected a positive integer, got "${v}"`);
+  return n;
+}
+
+/** Runs the CLI; prints one line with the error code on failure and sets a non-zero exit code. */
+export async function main(argv: string[]): Promise<number> {
+  const program = buildProgram();
+  const wantsJson = argv.includes("--json");
+  try {
+    await program.parseAsync(argv, { from: "user" });
+    return typeof process.exitCode === "number" ? process.exitCode : 0;
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      // Help and version are successful exits; usage errors were already printed by commander.
+      return err.exitCode === 0 ? 0 : 2;
+    }
+    const e = toKilnError(err);
+    if (wantsJson)
+      process.stderr.write(
+        `${JSON.stringify({ error: { code: e.code, message: e.message, ...(e.details ? { details: e.details } : {}) } })}\n`,
+      );
+    else process.stderr.write(`kiln: error [${e.code}]: ${e.message.split("\n")[0]}\n`);
+    if (argv.includes("--verbose") && e.code === "INTERNAL" && e.stack) process.stderr.write(`${e.stack}\n`);
+    return 1;
+  }
+}

@@ -1,0 +1,107 @@
+import cliProgress from "cli-progress";
+import type { IngestProgress } from "../source/ingest.js";
+import { formatBytes, formatDuration, shortDigest } from "./format.js";
+
+/**
+ * Progress bars for downloads on a TTY: one bar per layer being fetched and a total with blob i/n,
+ * bytes, speed and ETA. Speed is a moving average over the last few seconds.
+ */
+export function ttyProgress(stream: NodeJS.WriteStream): IngestProgress & { stop(): void } {
+  const multi = new cliProgress.MultiBar(
+    {
+      stream,
+      hideCursor: true,
+      clearOnComplete: false,
+      stopOnComplete: false,
+      autopadding: true,
+      barsize: 24,
+      fps: 8,
+      format: (options, params, payload: { label: string; total: number; value: number; extra?: string }) => {
+        const width = options.barsize ?? 24;
+        const ratio = params.total > 0 ? Math.min(1, params.value / params.total) : 1;
+        const filled = Math.round(ratio * width);
+        const bar = `${"█".repeat(filled)}${"░".repeat(width - filled)}`;
+        return `${payload.label} ${bar} ${formatBytes(params.value).padStart(8)} / ${formatBytes(params.total).padEnd(8)}${payload.extra ?? ""}`;
+      },
+    },
+    cliProgress.Presets.shades_classic,
+  );
+  const bars = new Map<string, { bar: cliProgress.SingleBar; value: number; total: number; label: string }>();
+  let total: cliProgress.SingleBar | undefined;
+  let totalBytes = 0;
+  let received = 0;
+  let blobsDone = 0;
+  let blobsToFetch = 0;
+  const started = Date.now();
+  const samples: [number, number][] = [];
+
+  const totalExtra = () => {
+    const now = Date.now();
+    samples.push([now, received]);
+    while (samples.length > 2 && now - samples[0]![0] > 5000) samples.shift();
+    const [t0, b0] = samples[0]!;
+    const speed = now > t0 ? ((received - b0) * 1000) / (now - t0) : 0;
+    const eta = speed > 0 ? (totalBytes - received) / speed : Number.NaN;
+    const elapsed = (now - started) / 1000;
+    return `  blob ${blobsDone}/${blobsToFetch}  ${formatBytes(speed)}/s  ETA ${formatDuration(eta)}  (${formatDuration(elapsed)})`;
+  };
+
+  return {
+    start(plan) {
+      const todo = plan.layers.filter((l) => !l.present);
+      blobsToFetch = todo.length;
+      totalBytes = todo.reduce((s, l) => s + l.size, 0);
+      for (const l of plan.layers) {
+        if (l.present) {
+          stream.write(`${shortDigest(l.digest)}  already present (${formatBytes(l.size)})\n`);
+        }
+      }
+      if (todo.length === 0) return;
+      for (const l of todo) {
+        const label = `${shortDigest(l.digest)}`;
+        bars.set(l.digest, {
+          bar: multi.create(l.size, 0, { label, total: l.size, value: 0 }),
+          value: 0,
+          total: l.size,
+          label,
+        });
+      }
+      total = multi.create(totalBytes, 0, { label: "total       ", extra: totalExtra() });
+    },
+    bytes(digest, n) {
+      const b = bars.get(digest);
+      if (!b) return;
+      b.value += n;
+      received += n;
+      b.bar.update(Math.min(b.value, b.total), { label: b.label });
+      total?.update(Math.min(received, totalBytes), { label: "total       ", extra: totalExtra() });
+    },
+    layerDone(digest) {
+      blobsDone++;
+      const b = bars.get(digest);
+      b?.bar.update(b.total, { label: b.label, extra: "  verified" });
+      total?.update(Math.min(received, totalBytes), { label: "total       ", extra: totalExtra() });
+    },
+    stop() {
+      multi.stop();
+    },
+  };
+}
+
+/** Plain lines for logs (non-TTY with --verbose): one line per finished layer. */
+export function lineProgress(stream: NodeJS.WritableStream): IngestProgress {
+  let n = 0;
+  let todo = 0;
+  return {
+    start(plan) {
+      todo = plan.layers.filter((l) => !l.present).length;
+      for (const l of plan.layers) {
+        stream.write(`${l.present ? "present " : "fetching"} ${l.digest} ${formatBytes(l.size)}\n`);
+      }
+    },
+    layerDone(digest) {
+      n++;
+      stream.write(`verified ${digest} (${n}/${todo})\n`);
+    },
+  };
+}

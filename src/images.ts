@@ -1,0 +1,214 @@
+/**
+ * The library's image operations: pull, import, list, inspect, remove. The CLI and (later) the HTTP
+ * service are thin layers over these.
+ */
+import { KilnError } from "./errors.js";
+import { parseReference } from "./reference/reference.js";
+import { RegistryClient, type RegistryOptions } from "./registry/client.js";
+import { dockerCredentials } from "./registry/credentials.js";
+import { parseConfig } from "./registry/manifest.js";
+import { formatPlatform, hostPlatform, type Platform } from "./registry/platform.js";
+import { openArchive } from "./source/archive.js";
+import { type IngestProgress, type IngestResult, ingestImage } from "./source/ingest.js";
+import { RegistrySource } from "./source/registry.js";
+import type { ImageRecord } from "./store/catalog.js";
+import { openStore, removeImages as removeFromStore, type Store } from "./store/store.js";
+
+export interface StoreOptions {
+  /** The store directory (default: KILN_ROOT, else $XDG_DATA_HOME/kiln, else ~/.local/share/kiln). */
+  root?: string | undefined;
+}
+
+export interface PullOptions extends StoreOptions {
+  platform?: Platform | undefined;
+  /** `user:pass`; otherwise credentials come from the docker config (DOCKER_CONFIG or ~/.docker). */
+  creds?: string | undefined;
+  insecureRegistries?: string[] | undefined;
+  caFile?: string | undefined;
+  registryMirrors?: string[] | undefined;
+  /** Layers downloaded at once (default 3). */
+  concurrency?: number | undefined;
+  progress?: IngestProgress | undefined;
+  signal?: AbortSignal | undefined;
+  /** Transport tuning (timeouts, retries); mostly for tests. */
+  registry?:
+    | Omit<RegistryOptions, "credentials" | "insecureRegistries" | "caFile" | "registryMirrors">
+    | undefined;
+  env?: NodeJS.ProcessEnv | undefined;
+}
+
+async function withStore<T>(opts: StoreOptions, fn: (store: Store) => Promise<T>): Promise<T> {
+  const store = await openStore(opts.root);
+  try {
+    return await fn(store);
+  } finally {
+    store.close();
+  }
+}
+
+/** Pulls an image from its registry into the store, verified; blobs already present are not fetched. */
+export async function pull(reference: string, opts: PullOptions = {}): Promise<IngestResult> {
+  const ref = parseReference(reference);
+  const env = opts.env ?? process.env;
+  const client = new RegistryClient({
+    ...opts.registry,
+    env,
+    insecureRegistries: opts.insecureRegistries,
+    caFile: opts.caFile,
+    registryMirrors: opts.registryMirrors,
+    credentials: dockerCredentials({ explicit: opts.creds, env }),
+  });
+  const source = new RegistrySource(ref, client);
+  try {
+    return await withStore(opts, (store) =>
+      ingestImage(store, source, {
+        platform: opts.platform,
+        concurrency: opts.concurrency,
+        progress: opts.progress,
+        signal: opts.signal,
+      }),
+    );
+  } finally {
+    await source.close();
+    await client.close();
+  }
+}
+
+export interface ImportOptions extends StoreOptions {
+  /** Names the imported image (the archive may carry none). */
+  tag?: string | undefined;
+  platform?: Platform | undefined;
+  progress?: IngestProgress | undefined;
+  signal?: AbortSignal | undefined;
+}
+
+/**
+ * Imports a docker-archive tar, an OCI layout directory or an OCI archive tar. Every image in it is
+ * checked before any is recorded, so a broken archive imports nothing.
+ */
+export async function importArchive(file: string, opts: ImportOptions = {}): Promise<IngestResult[]> {
+  return withStore(opts, async (store) => {
+    const sources = await openArchive(file, { tag: opts.tag, tmpDir: store.tmpDir });
+    try {
+      const results: IngestResult[] = [];
+      for (const source of sources) {
+        results.push(
+          await ingestImage(store, source, {
+            platform: opts.platform,
+            progress: opts.progress,
+            signal: opts.signal,
+          }),
+        );
+      }
+      return results;
+    } finally {
+      for (const s of sources) await s.close();
+    }
+  });
+}
+
+export async function listImages(opts: StoreOptions = {}): Promise<ImageRecord[]> {
+  return withStore(opts, async (store) => store.catalog.list());
+}
+
+export interface LookupOptions extends StoreOptions {
+  platform?: Platform | undefined;
+}
+
+/** Finds one image by ref, normalized ref or unique manifest digest prefix. */
+export async function findImage(arg: string, opts: LookupOptions = {}): Promise<ImageRecord> {
+  return withStore(opts, async (store) => lookup(store, arg, opts.platform));
+}
+
+function lookup(store: Store, arg: string, platform: Platform | undefined): ImageRecord {
+  return store.catalog.resolve(arg, {
+    platform: platform ? formatPlatform(platform) : undefined,
+    hostPlatform: formatPlatform(hostPlatform()),
+  });
+}
+
+/** What `kiln inspect` prints: the image's identity, layers and runtime config. */
+export interface ImageInspect {
+  ref: string | null;
+  digest: string;
+  indexDigest: string | null;
+  mediaType: string;
+  configDigest: string;
+  platform: string;
+  size: number;
+  created: string | null;
+  layers: { digest: string; diffId: string | null; mediaType: string; size: number }[];
+  config: {
+    entrypoint: string[] | null;
+    cmd: string[] | null;
+    env: string[];
+    workingDir: string;
+    user: string;
+    labels: Record<string, string>;
+    stopSignal: string | null;
+    exposedPorts: string[];
+    volumes: string[];
+  };
+}
+
+export function describeImage(image: ImageRecord): ImageInspect {
+  const c = parseConfig(Buffer.from(image.config, "utf8")).config ?? {};
+  return {
+    ref: image.ref,
+    digest: image.manifestDigest,
+    indexDigest: image.indexDigest,
+    mediaType: image.manifestMediaType,
+    configDigest: image.configDigest,
+    platform: image.platform,
+    size: image.size,
+    created: image.created,
+    layers: image.layers.map((l) => ({
+      digest: l.digest,
+      diffId: l.diffId,
+      mediaType: l.mediaType,
+      size: l.size,
+    })),
+    config: {
+      entrypoint: c.Entrypoint ?? null,
+      cmd: c.Cmd ?? null,
+      env: c.Env ?? [],
+      workingDir: c.WorkingDir ?? "",
+      user: c.User ?? "",
+      labels: c.Labels ?? {},
+      stopSignal: c.StopSignal || null,
+      exposedPorts: Object.keys(c.ExposedPorts ?? {}).sort(),
+      volumes: Object.keys(c.Volumes ?? {}).sort(),
+    },
+  };
+}
+
+export async function inspectImage(arg: string, opts: LookupOptions = {}): Promise<ImageInspect> {
+  return describeImage(await findImage(arg, opts));
+}
+
+export interface RemoveResult {
+  removed: ImageRecord[];
+  /** Arguments that matched nothing (or were ambiguous), with the error for each. */
+  failed: { arg: string; error: KilnError }[];
+}
+
+/** Removes images (as `docker rmi`): each argument on its own; blobs no other image uses are deleted. */
+export async function removeImages(args: string[], opts: LookupOptions = {}): Promise<RemoveResult> {
+  return withStore(opts, async (store) => {
+    const removed: ImageRecord[] = [];
+    const failed: { arg: string; error: KilnError }[] = [];
+    for (const arg of args) {
+      try {
+        const image = lookup(store, arg, opts.platform);
+        if (!removed.some((r) => r.id === image.id)) removed.push(image);
+      } catch (err) {
+        if (!(err instanceof KilnError)) throw err;
+        failed.push({ arg, error: err });
+      }
+    }
+    await removeFromStore(store, removed);
+    return { removed, failed };
+  });
+}
+
+export type { ImageRecord, IngestProgress, IngestResult };

@@ -1,0 +1,30 @@
+/**
+ * kiln as a library: the same operations as the CLI, as typed functions.
+ *
+ *   import { pull, inspectImage } from "kiln";
+ *   await pull("alpine:3.20", { root: "/var/lib/kiln" });
+ */
+export { type ErrorCode, isKilnError, KilnError } from "./errors.js";
+export {
+  describeImage,
+  findImage,
+  type ImageInspect,
+  type ImageRecord,
+  type ImportOptions,
+  type IngestProgress,
+  type IngestResult,
+  importArchive,
+  inspectImage,
+  type LookupOptions,
+  listImages,
+  type PullOptions,
+  pull,
+  type RemoveResult,
+  removeImages,
+  type StoreOptions,
+} from "./images.js";
+export { type Digest, parseDigest } from "./reference/digest.js";
+export { formatReference, type ImageRef, parseReference } from "./reference/reference.js";
+export { formatPlatform, hostPlatform, type Platform, parsePlatform } from "./registry/platform.js";
+export type { ImageSource, ResolvedImage } from "./source/types.js";
+export { defaultRoot } from "./store/root.js";

@@ -1,0 +1,152 @@
+import type { Readable } from "node:stream";
+import { KilnError, toKilnError } from "../errors.js";
+import { formatReference, refName } from "../reference/reference.js";
+import type { Descriptor } from "../registry/manifest.js";
+import { layerCompression } from "../registry/manifest.js";
+import { formatPlatform, type Platform } from "../registry/platform.js";
+import type { ImageRecord } from "../store/catalog.js";
+import type { Store } from "../store/store.js";
+import type { ImageSource, ResolvedImage } from "./types.js";
+
+/** What a long download reports, for progress bars and logs. Every callback is optional. */
+export interface IngestProgress {
+  /** The plan: every layer with whether it is already in the store. */
+  start?(plan: { origin: string; layers: { digest: string; size: number; present: boolean }[] }): void;
+  /** `n` more bytes of a blob arrived. */
+  bytes?(digest: string, n: number): void;
+  /** A layer is verified and staged. */
+  layerDone?(digest: string): void;
+}
+
+export interface IngestOptions {
+  platform?: Platform | undefined;
+  /** Layers downloaded at once (default 3). */
+  concurrency?: number | undefined;
+  signal?: AbortSignal | undefined;
+  progress?: IngestProgress | undefined;
+}
+
+export interface IngestResult {
+  image: ImageRecord;
+  /** Layer blobs fetched by this call. */
+  downloaded: number;
+  /** Layer blobs already in the store. */
+  present: number;
+  /** Compressed bytes fetched. */
+  bytes: number;
+}
+
+/**
+ * Brings one image from a source into the store: resolve, fetch the blobs it lacks into a staging
+ * area, verify each, publish them, and only then record the image. A failure leaves the store as it
+ * was (the staging area is discarded).
+ */
+export async function ingestImage(
+  store: Store,
+  source: ImageSource,
+  opts: IngestOptions = {},
+): Promise<IngestResult> {
+  const resolved = await source.resolve({ platform: opts.platform, signal: opts.signal });
+  const diffIds = checkConsistency(resolved);
+
+  const unique = new Map<string, Descriptor>();
+  for (const layer of resolved.layers) if (!unique.has(layer.digest)) unique.set(layer.digest, layer);
+  const missing: Descriptor[] = [];
+  const plan: { digest: string; size: number; present: boolean }[] = [];
+  for (const layer of unique.values()) {
+    const present = await store.blobs.has(layer.digest, layer.size);
+    plan.push({ digest: layer.digest, size: layer.size, present });
+    if (!present) missing.push(layer);
+  }
+  opts.progress?.start?.({ origin: source.origin, layers: plan });
+
+  const staging = await store.blobs.stage();
+  const abort = new AbortController();
+  const onOuterAbort = () => abort.abort(opts.signal?.reason);
+  opts.signal?.addEventListener("abort", onOuterAbort, { once: true });
+  let bytes = 0;
+  try {
+    for (const doc of [resolved.index, resolved.manifest, resolved.config]) {
+      if (doc && !(await store.blobs.has(doc.digest))) await staging.writeBytes(doc.bytes, doc.digest);
+    }
+    const total = resolved.layers.length;
+    await forEachLimited(missing, opts.concurrency ?? 3, abort, async (layer) => {
+      const position = resolved.layers.indexOf(layer) + 1;
+      const what = `layer ${position}/${total} (${layer.digest}) of ${source.origin}`;
+      const stream: Readable = await source.openBlob(layer, {
+        signal: abort.signal,
+        onBytes: (n) => opts.progress?.bytes?.(layer.digest, n),
+      });
+      bytes += await staging.write({ digest: layer.digest, size: layer.size, what }, stream);
+      opts.progress?.layerDone?.(layer.digest);
+    });
+    await staging.commit();
+  } catch (err) {
+    abort.abort(err);
+    await staging.discard();
+    throw toKilnError(err);
+  } finally {
+    opts.signal?.removeEventListener("abort", onOuterAbort);
+  }
+
+  const image = store.catalog.putImage({
+    ref: resolved.ref ? formatReference(resolved.ref) : null,
+    repository: resolved.ref ? refName(resolved.ref) : null,
+    tag: resolved.ref?.tag ?? null,
+    indexDigest: resolved.index?.digest ?? null,
+    manifestDigest: resolved.manifest.digest,
+    manifestMediaType: resolved.manifest.mediaType,
+    configDigest: resolved.config.digest,
+    platform: formatPlatform(resolved.platform),
+    config: resolved.config.bytes.toString("utf8"),
+    size:
+      resolved.manifest.bytes.length +
+      resolved.config.bytes.length +
+      resolved.layers.reduce((sum, l) => sum + l.size, 0),
+    created: typeof resolved.config.parsed.created === "string" ? resolved.config.parsed.created : null,
+    layers: resolved.layers.map((l, i) => ({
+      digest: l.digest,
+      diffId: diffIds[i] ?? null,
+      mediaType: l.mediaType,
+      size: l.size,
+    })),
+  });
+  return { image, downloaded: missing.length, present: unique.size - missing.length, bytes };
+}
+
+/** Refuses images whose parts disagree before anything is fetched; returns the config's diff IDs. */
+function checkConsistency(image: ResolvedImage): string[] {
+  for (const layer of image.layers) layerCompression(layer.mediaType);
+  const diffIds = image.config.parsed.rootfs?.diff_ids ?? [];
+  if (diffIds.length !== image.layers.length) {
+    throw new KilnError(
+      "INVALID_MANIFEST",
+      `image config lists ${diffIds.length} layer diff IDs but the manifest has ${image.layers.length} layers (${image.manifest.digest})`,
+    );
+  }
+  return diffIds;
+}
+
+/** Runs `work` over items with at most `limit` in flight; the first failure aborts the rest. */
+async function forEachLimited<T>(
+  items: readonly T[],
+  limit: number,
+  abort: AbortController,
+  work: (item: T) => Promise<void>,
+): Promise<void> {
+  let next = 0;
+  let failure: unknown;
+  const worker = async () => {
+    while (failure === undefined && next < items.length) {
+      const item = items[next++]!;
+      try {
+        await work(item);
+      } catch (err) {
+        if (failure === undefined) failure = err;
+        abort.abort(err);
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.max(1, Math.min(limit, items.length)) }, worker));
+  if (failure !== undefined) throw failure;
+}

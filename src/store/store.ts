@@ -1,0 +1,56 @@
+import { mkdir } from "node:fs/promises";
+import { resolve } from "node:path";
+import { BlobStore } from "./blobs.js";
+import { Catalog, type ImageRecord } from "./catalog.js";
+import { defaultRoot, storeLayout } from "./root.js";
+
+/** An open store: blobs on disk plus the catalog that says which images use them. */
+export interface Store {
+  readonly root: string;
+  /** Temp files and staging dirs, on the blobs' filesystem. */
+  readonly tmpDir: string;
+  readonly blobs: BlobStore;
+  readonly catalog: Catalog;
+  close(): void;
+}
+
+/** Opens (creating as needed) the store at `root`, by default defaultRoot(). */
+export async function openStore(root: string = defaultRoot()): Promise<Store> {
+  const layout = storeLayout(resolve(root));
+  await mkdir(layout.blobsDir, { recursive: true });
+  await mkdir(layout.tmpDir, { recursive: true });
+  const catalog = Catalog.open(layout.catalogFile);
+  return {
+    root: layout.root,
+    tmpDir: layout.tmpDir,
+    blobs: new BlobStore(layout.root),
+    catalog,
+    close: () => catalog.close(),
+  };
+}
+
+/**
+ * Removes images from the catalog, then deletes the blobs that belonged to them and that no
+ * remaining image references. Only those: a blob another process's pull has just committed but not
+ * yet recorded belongs to no removed image, so it is left alone.
+ *
+ * Remaining race (until GC with leases): a concurrent pull that found one of these blobs already
+ * present (and so did not stage it) but has not recorded its image yet can see the blob deleted
+ * here, and then record an image with a missing blob. Reading such an image fails with NOT_FOUND
+ * for the blob; pulling it again repairs it.
+ */
+export async function removeImages(store: Store, records: readonly ImageRecord[]): Promise<void> {
+  const candidates = new Set<string>();
+  for (const image of records) {
+    candidates.add(image.manifestDigest);
+    candidates.add(image.configDigest);
+    if (image.indexDigest !== null) candidates.add(image.indexDigest);
+    for (const layer of image.layers) candidates.add(layer.digest);
+    store.catalog.remove(image.id);
+  }
+  // Read after the removals, so an image recorded meanwhile by another process keeps its blobs.
+  const referenced = store.catalog.referencedBlobs();
+  for (const digest of candidates) {
+    if (!referenced.has(digest)) await store.blobs.delete(digest);
+  }
+}
