@@ -1,0 +1,147 @@
+/** An image in a registry, as an ImageSource: index → platform → manifest → config, all verified. */
+import type { Readable } from "node:stream";
+import { KilnError } from "../errors.js";
+import { formatReference, type ImageRef, refIdentifier } from "../reference/reference.js";
+import type { RegistryClient } from "../registry/client.js";
+import {
+  type Descriptor,
+  type ImageIndex,
+  type ImageManifest,
+  layerCompression,
+  MediaType,
+  parseConfig,
+  parseManifest,
+  selectPlatform,
+} from "../registry/manifest.js";
+import {
+  formatPlatform,
+  hostPlatform,
+  normalizePlatform,
+  type Platform,
+  platformMatches,
+} from "../registry/platform.js";
+import type { ImageSource, OpenBlobOptions, RawDocument, ResolvedImage } from "./types.js";
+
+/** Largest image config accepted. */
+export const MAX_CONFIG_BYTES = 8 * 1024 * 1024;
+const CONFIG_TYPES = new Set<string>([MediaType.OCI_CONFIG, MediaType.DOCKER_CONFIG]);
+
+export class RegistrySource implements ImageSource {
+  readonly origin: string;
+  /** Things worth telling the user that did not stop the pull (a single-platform image for another platform). */
+  readonly warnings: string[] = [];
+
+  constructor(
+    readonly ref: ImageRef,
+    private readonly client: RegistryClient,
+  ) {
+    this.origin = formatReference(ref);
+  }
+
+  async resolve(
+    opts: { platform?: Platform | undefined; signal?: AbortSignal | undefined } = {},
+  ): Promise<ResolvedImage> {
+    const signal = opts.signal;
+    const top = await this.client.getManifest(this.ref, refIdentifier(this.ref), { signal });
+    const parsed = parseManifest(top.bytes, top.mediaType);
+    let index: RawDocument<ImageIndex> | undefined;
+    let manifest: RawDocument<ImageManifest>;
+    let chosen: Platform | undefined;
+    if (parsed.kind === "index") {
+      index = { digest: top.digest, mediaType: parsed.mediaType, bytes: top.bytes, parsed };
+      const desc = selectPlatform(parsed, opts.platform ?? hostPlatform(), this.origin);
+      chosen = desc.platform;
+      manifest = await this.fetchManifest(desc, signal);
+    } else {
+      manifest = { digest: top.digest, mediaType: parsed.mediaType, bytes: top.bytes, parsed };
+    }
+
+    const configDesc = manifest.parsed.config;
+    if (!CONFIG_TYPES.has(configDesc.mediaType)) {
+      throw new KilnError(
+        "UNSUPPORTED_MEDIA_TYPE",
+        `${this.origin} is not a container image: its config has media type "${configDesc.mediaType}"`,
+      );
+    }
+    for (const layer of manifest.parsed.layers) layerCompression(layer.mediaType);
+    const configBytes = await this.client.getBlob(this.ref, configDesc, MAX_CONFIG_BYTES, { signal });
+    const config: ResolvedImage["config"] = {
+      digest: configDesc.digest,
+      mediaType: configDesc.mediaType,
+      bytes: configBytes,
+      parsed: parseConfig(configBytes),
+    };
+
+    const c = config.parsed;
+    const declared =
+      typeof c.os === "string" && typeof c.architecture === "string" && c.os && c.architecture
+        ? normalizePlatform({ os: c.os, architecture: c.architecture, variant: c.variant })
+        : undefined;
+    let platform: Platform;
+    if (chosen) {
+      platform = chosen;
+    } else if (!declared) {
+      platform = opts.platform ? normalizePlatform(opts.platform) : hostPlatform();
+      this.warnings.push(
+        `${this.origin}: the image config names no platform; assuming ${formatPlatform(platform)}`,
+      );
+    } else {
+      platform = declared;
+      if (opts.platform && !platformMatches(opts.platform, declared)) {
+        throw new KilnError(
+          "PLATFORM_MISMATCH",
+          `image ${this.origin} is ${formatPlatform(declared)}, not ${formatPlatform(normalizePlatform(opts.platform))}`,
+          {
+            details: {
+              wanted: formatPlatform(normalizePlatform(opts.platform)),
+              actual: formatPlatform(declared),
+            },
+          },
+        );
+      }
+      if (!opts.platform && !platformMatches(hostPlatform(), declared)) {
+        this.warnings.push(
+          `image ${this.origin} is ${formatPlatform(declared)}, not the host's ${formatPlatform(hostPlatform())}`,
+        );
+      }
+    }
+
+    return {
+      ref: this.ref,
+      index,
+      manifest,
+      config,
+      platform,
+      layers: manifest.parsed.layers,
+    };
+  }
+
+  openBlob(desc: Descriptor, opts: OpenBlobOptions = {}): Promise<Readable> {
+    return this.client.openBlob(this.ref, desc, { signal: opts.signal, onBytes: opts.onBytes });
+  }
+
+  /** The client belongs to whoever made it; closing the source leaves it open. */
+  async close(): Promise<void> {}
+
+  /** A platform's manifest from an index, checked against the index entry's digest and size. */
+  private async fetchManifest(
+    desc: Descriptor,
+    signal: AbortSignal | undefined,
+  ): Promise<RawDocument<ImageManifest>> {
+    const m = await this.client.getManifest(this.ref, desc.digest, { signal });
+    if (m.bytes.length !== desc.size) {
+      throw new KilnError(
+        "SIZE_MISMATCH",
+        `manifest ${desc.digest} of ${this.origin} is ${m.bytes.length} bytes, the index says ${desc.size}`,
+      );
+    }
+    const parsed = parseManifest(m.bytes, m.mediaType || desc.mediaType);
+    if (parsed.kind !== "manifest") {
+      throw new KilnError(
+        "UNSUPPORTED_MEDIA_TYPE",
+        `${this.origin}: the index entry ${desc.digest} is itself an index (nested indexes are not supported)`,
+      );
+    }
+    return { digest: m.digest, mediaType: parsed.mediaType, bytes: m.bytes, parsed };
+  }
+}
