@@ -5,8 +5,8 @@
  */
 import { readFileSync } from "node:fs";
 import { rootCertificates } from "node:tls";
-import { Agent, type Dispatcher, request } from "undici";
 import { KilnError } from "../errors.js";
+import { Agent, type Dispatcher } from "./undici.js";
 
 export interface Timeouts {
   /** TCP + TLS connect (default 30 s). */
@@ -197,7 +197,10 @@ function trustedCAs(caFile: string | undefined, env: NodeJS.ProcessEnv): string[
     extra.push(pem);
   }
   // A custom `ca` replaces Node's default store, which is where NODE_EXTRA_CA_CERTS would have gone.
+  // Without a CA file, Node's default context already trusts this process's NODE_EXTRA_CA_CERTS;
+  // building our own from PEM text would cost ~50 ms of start-up for nothing.
   const nodeExtra = env.NODE_EXTRA_CA_CERTS;
+  if (extra.length === 0 && (!nodeExtra || nodeExtra === process.env.NODE_EXTRA_CA_CERTS)) return undefined;
   if (nodeExtra) {
     try {
       extra.push(readFileSync(nodeExtra, "utf8"));
@@ -265,8 +268,9 @@ export class Transport {
     for (let hop = 0; ; hop++) {
       let res: Dispatcher.ResponseData;
       try {
-        res = await request(current, {
-          dispatcher: this.agent(opts.insecure === true && current.origin === origin),
+        res = await this.agent(opts.insecure === true && current.origin === origin).request({
+          origin: current.origin,
+          path: `${current.pathname}${current.search}`,
           method,
           headers,
           body,

@@ -8,6 +8,9 @@ import type { ImageRecord } from "../store/catalog.js";
 import type { Store } from "../store/store.js";
 import type { ImageSource, ResolvedImage } from "./types.js";
 
+/** Largest manifest or config read back from the store. */
+const MAX_DOCUMENT_BYTES = 16 * 1024 * 1024;
+
 /** What a long download reports, for progress bars and logs. Every callback is optional. */
 export interface IngestProgress {
   /** The plan: every layer with whether it is already in the store. */
@@ -46,7 +49,13 @@ export async function ingestImage(
   source: ImageSource,
   opts: IngestOptions = {},
 ): Promise<IngestResult> {
-  const resolved = await source.resolve({ platform: opts.platform, signal: opts.signal });
+  const resolved = await source.resolve({
+    platform: opts.platform,
+    signal: opts.signal,
+    // Manifests and configs already in the store were verified when they were stored.
+    known: async (digest) =>
+      (await store.blobs.has(digest)) ? store.blobs.readBytes(digest, MAX_DOCUMENT_BYTES) : undefined,
+  });
   const diffIds = checkConsistency(resolved);
 
   const unique = new Map<string, Descriptor>();

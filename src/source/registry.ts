@@ -20,7 +20,7 @@ import {
   type Platform,
   platformMatches,
 } from "../registry/platform.js";
-import type { ImageSource, OpenBlobOptions, RawDocument, ResolvedImage } from "./types.js";
+import type { ImageSource, OpenBlobOptions, RawDocument, ResolvedImage, ResolveOptions } from "./types.js";
 
 /** Largest image config accepted. */
 export const MAX_CONFIG_BYTES = 8 * 1024 * 1024;
@@ -38,9 +38,7 @@ export class RegistrySource implements ImageSource {
     this.origin = formatReference(ref);
   }
 
-  async resolve(
-    opts: { platform?: Platform | undefined; signal?: AbortSignal | undefined } = {},
-  ): Promise<ResolvedImage> {
+  async resolve(opts: ResolveOptions = {}): Promise<ResolvedImage> {
     const signal = opts.signal;
     const top = await this.client.getManifest(this.ref, refIdentifier(this.ref), { signal });
     const parsed = parseManifest(top.bytes, top.mediaType);
@@ -51,7 +49,7 @@ export class RegistrySource implements ImageSource {
       index = { digest: top.digest, mediaType: parsed.mediaType, bytes: top.bytes, parsed };
       const desc = selectPlatform(parsed, opts.platform ?? hostPlatform(), this.origin);
       chosen = desc.platform;
-      manifest = await this.fetchManifest(desc, signal);
+      manifest = await this.fetchManifest(desc, signal, opts.known);
     } else {
       manifest = { digest: top.digest, mediaType: parsed.mediaType, bytes: top.bytes, parsed };
     }
@@ -64,7 +62,9 @@ export class RegistrySource implements ImageSource {
       );
     }
     for (const layer of manifest.parsed.layers) layerCompression(layer.mediaType);
-    const configBytes = await this.client.getBlob(this.ref, configDesc, MAX_CONFIG_BYTES, { signal });
+    const configBytes =
+      (await opts.known?.(configDesc.digest)) ??
+      (await this.client.getBlob(this.ref, configDesc, MAX_CONFIG_BYTES, { signal }));
     const config: ResolvedImage["config"] = {
       digest: configDesc.digest,
       mediaType: configDesc.mediaType,
@@ -127,8 +127,12 @@ export class RegistrySource implements ImageSource {
   private async fetchManifest(
     desc: Descriptor,
     signal: AbortSignal | undefined,
+    known: ResolveOptions["known"],
   ): Promise<RawDocument<ImageManifest>> {
-    const m = await this.client.getManifest(this.ref, desc.digest, { signal });
+    const held = await known?.(desc.digest);
+    const m = held
+      ? { digest: desc.digest, mediaType: desc.mediaType, bytes: held }
+      : await this.client.getManifest(this.ref, desc.digest, { signal });
     if (m.bytes.length !== desc.size) {
       throw new KilnError(
         "SIZE_MISMATCH",

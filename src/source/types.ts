@@ -30,6 +30,16 @@ export interface OpenBlobOptions {
   readonly onBytes?: ((n: number) => void) | undefined;
 }
 
+export interface ResolveOptions {
+  readonly platform?: Platform | undefined;
+  readonly signal?: AbortSignal | undefined;
+  /**
+   * The verified bytes of a blob the caller already holds (the store), or undefined. A source may
+   * use it to skip fetching a manifest or config by digest: a warm pull then costs one request.
+   */
+  readonly known?: ((digest: string) => Promise<Buffer | undefined>) | undefined;
+}
+
 /**
  * Where images come from: a registry, a docker-archive tar, an OCI layout or archive. Later stages
  * (store, writers) see only this interface, in the style of go-containerregistry's v1.Image.
@@ -38,10 +48,7 @@ export interface ImageSource {
   /** For messages: `docker.io/library/alpine:3.20`, `docker-archive:/tmp/a.tar`. */
   readonly origin: string;
   /** Resolves one platform's image; the verified index, manifest and config bytes come with it. */
-  resolve(opts: {
-    platform?: Platform | undefined;
-    signal?: AbortSignal | undefined;
-  }): Promise<ResolvedImage>;
+  resolve(opts: ResolveOptions): Promise<ResolvedImage>;
   /**
    * Streams a blob's bytes. The stream yields exactly the blob (resuming transparently where the
    * transport allows); digest and size are checked by the consumer (the blob store).
