@@ -14,14 +14,15 @@ export function ttyProgress(stream: NodeJS.WriteStream): IngestProgress & { stop
       clearOnComplete: false,
       stopOnComplete: false,
       autopadding: true,
-      barsize: 24,
+      barsize: 20,
       fps: 8,
       format: (options, params, payload: { label: string; total: number; value: number; extra?: string }) => {
-        const width = options.barsize ?? 24;
+        const width = options.barsize ?? 20;
         const ratio = params.total > 0 ? Math.min(1, params.value / params.total) : 1;
         const filled = Math.round(ratio * width);
         const bar = `${"█".repeat(filled)}${"░".repeat(width - filled)}`;
-        return `${payload.label} ${bar} ${formatBytes(params.value).padStart(8)} / ${formatBytes(params.total).padEnd(8)}${payload.extra ?? ""}`;
+        // Kept under 80 columns: cli-progress cuts longer lines to the terminal width.
+        return `${payload.label} ${bar} ${`${formatBytes(params.value)}/${formatBytes(params.total)}`.padEnd(17)}${payload.extra ?? ""}`;
       },
     },
     cliProgress.Presets.shades_classic,
@@ -32,7 +33,6 @@ export function ttyProgress(stream: NodeJS.WriteStream): IngestProgress & { stop
   let received = 0;
   let blobsDone = 0;
   let blobsToFetch = 0;
-  const started = Date.now();
   const samples: [number, number][] = [];
 
   const totalExtra = () => {
@@ -42,8 +42,7 @@ export function ttyProgress(stream: NodeJS.WriteStream): IngestProgress & { stop
     const [t0, b0] = samples[0]!;
     const speed = now > t0 ? ((received - b0) * 1000) / (now - t0) : 0;
     const eta = speed > 0 ? (totalBytes - received) / speed : Number.NaN;
-    const elapsed = (now - started) / 1000;
-    return `  blob ${blobsDone}/${blobsToFetch}  ${formatBytes(speed)}/s  ETA ${formatDuration(eta)}  (${formatDuration(elapsed)})`;
+    return ` blob ${blobsDone}/${blobsToFetch} ${formatBytes(speed)}/s ETA ${formatDuration(eta)}`;
   };
 
   return {
@@ -79,7 +78,7 @@ export function ttyProgress(stream: NodeJS.WriteStream): IngestProgress & { stop
     layerDone(digest) {
       blobsDone++;
       const b = bars.get(digest);
-      b?.bar.update(b.total, { label: b.label, extra: "  verified" });
+      b?.bar.update(b.total, { label: b.label, extra: " verified" });
       total?.update(Math.min(received, totalBytes), { label: "total       ", extra: totalExtra() });
     },
     stop() {

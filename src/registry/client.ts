@@ -176,7 +176,11 @@ export class RegistryClient {
   /** GETs a manifest or index by tag or digest, verified against the digest. */
   async getManifest(ref: RepositoryRef, reference: string, opts: RequestOptions = {}): Promise<Manifest> {
     const shown = shownRef(ref, reference);
-    const ctx: StatusContext = { subject: `manifest ${shown}`, notFound: `manifest unknown: ${shown}` };
+    const ctx: StatusContext = {
+      subject: `manifest ${shown}`,
+      notFound: `manifest unknown: ${shown}`,
+      repository: `${ref.registry}/${ref.repository}`,
+    };
     return this.withEndpoint(ref.registry, opts.signal, (ep) =>
       this.call(
         ep,
@@ -209,7 +213,11 @@ export class RegistryClient {
     opts: RequestOptions = {},
   ): Promise<ManifestHead> {
     const shown = shownRef(ref, reference);
-    const ctx: StatusContext = { subject: `manifest ${shown}`, notFound: `manifest unknown: ${shown}` };
+    const ctx: StatusContext = {
+      subject: `manifest ${shown}`,
+      notFound: `manifest unknown: ${shown}`,
+      repository: `${ref.registry}/${ref.repository}`,
+    };
     const head = await this.withEndpoint(ref.registry, opts.signal, (ep) =>
       this.call(
         ep,

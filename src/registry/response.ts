@@ -97,6 +97,8 @@ export interface StatusContext {
   subject: string;
   /** The NOT_FOUND message: `manifest unknown: 127.0.0.1:5000/foo:bar`. */
   notFound: string;
+  /** `host/repository`, to say so when the registry reports the repository itself unknown. */
+  repository?: string | undefined;
 }
 
 /** Maps an unsuccessful status (other than 401, which auth handles) to a KilnError with the registry's words. */
@@ -107,6 +109,9 @@ export async function statusError(res: Response, ctx: StatusContext): Promise<Ki
   const details = { status: res.status, host, registryCodes: codes };
   switch (res.status) {
     case 404: {
+      if (ctx.repository && codes.includes("NAME_UNKNOWN")) {
+        return new KilnError("NOT_FOUND", `repository unknown: ${ctx.repository}`, { details });
+      }
       // Repeat the registry's words only when they add something ("repository name not known").
       const kind = ctx.notFound.split(":")[0]!.toLowerCase();
       const extra = message && !message.toLowerCase().startsWith(kind) ? ` (${message})` : "";

@@ -102,7 +102,8 @@ describe("against docker-registry", () => {
       );
       await assert.rejects(client.getManifest({ registry: plain.host, repository: "foo" }, "bar"), (err) => {
         assert.ok(isKilnError(err, "NOT_FOUND"));
-        assert.match(err.message, new RegExp(`^manifest unknown: ${plain.host}/foo:bar`));
+        // Distribution 2.8 answers MANIFEST_UNKNOWN (not NAME_UNKNOWN) for a repository it never saw.
+        assert.equal(err.message, `manifest unknown: ${plain.host}/foo:bar`);
         return true;
       });
     } finally {
