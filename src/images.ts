@@ -1,16 +1,15 @@
 /**
  * The library's image operations: pull, import, list, inspect, remove. The CLI and (later) the HTTP
- * service are thin layers over these.
+ * service are thin layers over these. The registry client and the archive readers are loaded only by
+ * the operations that use them: a CLI process pays for what its command needs (start-up time is most
+ * of a warm pull).
  */
 import { KilnError } from "./errors.js";
 import { parseReference } from "./reference/reference.js";
-import { RegistryClient, type RegistryOptions } from "./registry/client.js";
-import { dockerCredentials } from "./registry/credentials.js";
+import type { RegistryOptions } from "./registry/client.js";
 import { parseConfig } from "./registry/manifest.js";
 import { formatPlatform, hostPlatform, type Platform } from "./registry/platform.js";
-import { openArchive } from "./source/archive.js";
 import { type IngestProgress, type IngestResult, ingestImage } from "./source/ingest.js";
-import { RegistrySource } from "./source/registry.js";
 import type { ImageRecord } from "./store/catalog.js";
 import { openStore, removeImages as removeFromStore, type Store } from "./store/store.js";
 
@@ -50,6 +49,11 @@ async function withStore<T>(opts: StoreOptions, fn: (store: Store) => Promise<T>
 export async function pull(reference: string, opts: PullOptions = {}): Promise<IngestResult> {
   const ref = parseReference(reference);
   const env = opts.env ?? process.env;
+  const [{ RegistryClient }, { dockerCredentials }, { RegistrySource }] = await Promise.all([
+    import("./registry/client.js"),
+    import("./registry/credentials.js"),
+    import("./source/registry.js"),
+  ]);
   const client = new RegistryClient({
     ...opts.registry,
     env,
@@ -87,6 +91,7 @@ export interface ImportOptions extends StoreOptions {
  * checked before any is recorded, so a broken archive imports nothing.
  */
 export async function importArchive(file: string, opts: ImportOptions = {}): Promise<IngestResult[]> {
+  const { openArchive } = await import("./source/archive.js");
   return withStore(opts, async (store) => {
     const sources = await openArchive(file, { tag: opts.tag, tmpDir: store.tmpDir });
     try {

@@ -14,7 +14,6 @@ import {
 import { parsePlatform } from "../registry/platform.js";
 import { defaultRoot } from "../store/root.js";
 import { ago, formatBytes, shortDigest, table } from "./format.js";
-import { lineProgress, ttyProgress } from "./progress.js";
 
 interface GlobalOptions {
   root?: string;
@@ -38,12 +37,14 @@ function json(value: unknown): void {
   out(JSON.stringify(value, null, 2));
 }
 
-/** Progress on a TTY (bars) or with --verbose (lines); nothing with --json or --quiet. */
-function progressFor(g: GlobalOptions): (IngestProgress & { stop?(): void }) | undefined {
-  if (g.json || g.quiet) return undefined;
-  if (process.stderr.isTTY) return ttyProgress(process.stderr);
-  if (g.verbose) return lineProgress(process.stderr);
-  return undefined;
+/**
+ * Progress on a TTY (bars) or with --verbose (lines); nothing with --json or --quiet. The progress
+ * module (and cli-progress) loads only when it will draw something.
+ */
+async function progressFor(g: GlobalOptions): Promise<(IngestProgress & { stop?(): void }) | undefined> {
+  if (g.json || g.quiet || !(process.stderr.isTTY || g.verbose)) return undefined;
+  const { lineProgress, ttyProgress } = await import("./progress.js");
+  return process.stderr.isTTY ? ttyProgress(process.stderr) : lineProgress(process.stderr);
 }
 
 function summary(r: IngestResult, verb: string): string {
@@ -94,7 +95,7 @@ export function buildProgram(): Command {
     .addOption(new Option("--concurrency <n>", "layers downloaded at once").default(3).argParser(positiveInt))
     .action(async (ref: string, o, cmd: Command) => {
       const g = globals(cmd);
-      const progress = progressFor(g);
+      const progress = await progressFor(g);
       const ac = abortOnSignal();
       let result: IngestResult;
       try {
@@ -128,7 +129,7 @@ export function buildProgram(): Command {
     )
     .action(async (file: string, o, cmd: Command) => {
       const g = globals(cmd);
-      const progress = progressFor(g);
+      const progress = await progressFor(g);
       const ac = abortOnSignal();
       let results: IngestResult[];
       try {

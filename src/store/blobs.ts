@@ -258,6 +258,12 @@ class DirStaging implements Staging {
     this.#checkOpen();
     const entries = [...this.#staged.entries()];
     // Durable content before the names that point at it.
+    if (entries.length === 0) {
+      // Nothing new (a warm pull): no rename, so no directory to make durable.
+      this.#done = true;
+      await rm(this.dir, { recursive: true, force: true });
+      return;
+    }
     await Promise.all(entries.filter(([, e]) => !e.synced).map(([, { file }]) => fsyncPath(file)));
     await mkdir(this.#blobs.dir, { recursive: true });
     for (const [digest, { file, size }] of entries) {

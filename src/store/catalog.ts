@@ -35,6 +35,8 @@ export interface ImageRecord {
   layers: LayerRecord[];
 }
 
+const layerKey = (l: LayerRecord) => [l.digest, l.diffId, l.mediaType, l.size];
+
 export type NewImage = Omit<ImageRecord, "id" | "addedAt"> & { addedAt?: string | undefined };
 
 /** Several processes share one store: a writer waits this long for another's transaction. */
@@ -147,6 +149,10 @@ export class Catalog {
    */
   putImage(input: NewImage): ImageRecord {
     const addedAt = input.addedAt ?? new Date().toISOString();
+    // A warm pull records what is already there: answer from a read and skip the write (and its
+    // fsyncs), which is most of what such a pull costs after start-up.
+    const current = this.#sameImage(input);
+    if (current) return current;
     return this.#guard(() =>
       this.#db
         .transaction(() => {
@@ -216,6 +222,29 @@ export class Catalog {
     );
   }
 
+  /** The stored record that `input` would write again unchanged, if there is one. */
+  #sameImage(input: NewImage): ImageRecord | undefined {
+    if (input.ref === null) return undefined;
+    const row = this.#guard(
+      () =>
+        this.#db
+          .prepare("SELECT id FROM images WHERE ref = ? AND platform = ? AND manifest_digest = ?")
+          .get(input.ref, input.platform, input.manifestDigest) as { id: number } | undefined,
+    );
+    const current = row ? this.get(row.id) : undefined;
+    if (!current) return undefined;
+    const same =
+      current.indexDigest === input.indexDigest &&
+      current.manifestMediaType === input.manifestMediaType &&
+      current.configDigest === input.configDigest &&
+      current.repository === input.repository &&
+      current.tag === input.tag &&
+      current.config === input.config &&
+      current.size === input.size &&
+      current.created === input.created &&
+      JSON.stringify(current.layers.map(layerKey)) === JSON.stringify(input.layers.map(layerKey));
+    return same ? current : undefined;
+  }
   /** Every image, sorted by ref (untagged last) then platform. */
   list(): ImageRecord[] {
     return this.#guard(() =>
