@@ -6,9 +6,10 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import Database from "better-sqlite3";
+import { makeTempDir } from "../helpers/exec.js";
 import { type FaultProxy, startFaultProxy } from "../helpers/faultproxy.js";
 import { sampleImage } from "../helpers/fixtures.js";
-import { inspectRaw, pushImage, type RawImage } from "../helpers/images.js";
+import { buildImage, inspectRaw, pushImage, type RawImage } from "../helpers/images.js";
 import { type Registry, startRegistry } from "../helpers/registry.js";
 import {
   assertBlobsVerify,
@@ -86,4 +87,46 @@ describe("two kiln pull processes of one image into one store", () => {
     }
     assertMatchesRaw(await box.json<InspectJson>(["inspect", ref]), raw);
   });
+});
+
+describe("parallel layer downloads of one pull", () => {
+  let reg: Registry;
+  let proxy: FaultProxy;
+  let box: Sandbox;
+  const LAYERS = 6;
+
+  before(async () => {
+    const dir = await makeTempDir("six-layers");
+    const image = await buildImage(join(dir, "layout"), {
+      tag: "six",
+      layers: Array.from({ length: LAYERS }, (_, i) => [{ path: `layer-${i}.txt`, content: `layer ${i}\n` }]),
+    });
+    reg = await startRegistry();
+    await pushImage(image, reg, "six:1");
+    proxy = await startFaultProxy(reg.url);
+  });
+  after(async () => {
+    await proxy?.close();
+    await reg?.stop();
+  });
+
+  // The barrier holds the first N layer requests until N are open at once: a pull that opened fewer
+  // would wait on it and fail. Completion order tells how many overlapped, so nothing here is timed.
+  for (const [args, limit] of [[[], 3] as const, [["--concurrency", "2"], 2] as const]) {
+    it(`keeps ${limit} layer downloads in flight, never more (${args.join(" ") || "default"})`, async () => {
+      box = await sandbox();
+      try {
+        proxy.reset();
+        const layerPath = /^\/v2\/six\/blobs\/sha256:[0-9a-f]{64}$/;
+        const barrier = proxy.addRule({ method: "GET", path: layerPath, action: { barrier: limit } });
+        const pulled = await box.json<PullJson>(["pull", ...args, `${proxy.host}/six:1`]);
+        assert.equal(pulled.downloaded, LAYERS);
+        assert.equal(barrier.hits, limit);
+        // The config is fetched before the layers, alone; the layer GETs overlap up to the limit.
+        assert.equal(proxy.maxConcurrent("GET", layerPath), limit);
+      } finally {
+        await box.cleanup();
+      }
+    });
+  }
 });

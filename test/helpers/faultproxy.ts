@@ -54,6 +54,9 @@ export interface RecordedRequest {
   fault: "status" | "cut" | "corrupt" | "barrier" | undefined;
   /** Body bytes sent to the client. */
   bytes: number;
+  /** Order of arrival and of completion among all requests' start and end events (not times). */
+  startSeq: number;
+  endSeq: number | undefined;
 }
 
 export interface FaultProxy {
@@ -67,6 +70,8 @@ export interface FaultProxy {
   reset(): void;
   /** Requests matching method and path, for assertions. */
   matching(method: string, path: RegExp): RecordedRequest[];
+  /** The most matching requests that were in flight at once (from event order, not timing). */
+  maxConcurrent(method: string, path: RegExp): number;
   close(): Promise<void>;
 }
 
@@ -93,6 +98,7 @@ export async function startFaultProxy(upstream: string, opts: FaultProxyOptions 
   const agent = new Agent({ keepAlive: true });
   const rules: LiveRule[] = [];
   const requests: RecordedRequest[] = [];
+  let seq = 0;
 
   const take = (req: IncomingMessage): LiveRule | undefined => {
     const rule = rules.find(
@@ -114,7 +120,12 @@ export async function startFaultProxy(upstream: string, opts: FaultProxyOptions 
       status: undefined,
       fault: undefined,
       bytes: 0,
+      startSeq: seq++,
+      endSeq: undefined,
     };
+    res.on("close", () => {
+      rec.endSeq = seq++;
+    });
     requests.push(rec);
     const live = take(req);
     const action = live?.rule.action;
@@ -260,6 +271,22 @@ export async function startFaultProxy(upstream: string, opts: FaultProxyOptions 
     },
     matching(method, path) {
       return requests.filter((r) => r.method === method && path.test(r.path));
+    },
+    maxConcurrent(method, path) {
+      const events = requests
+        .filter((r) => r.method === method && path.test(r.path))
+        .flatMap((r) => [
+          [r.startSeq, 1],
+          [r.endSeq ?? Number.POSITIVE_INFINITY, -1],
+        ])
+        .sort((a, b) => a[0]! - b[0]!);
+      let now = 0;
+      let max = 0;
+      for (const [, d] of events) {
+        now += d!;
+        max = Math.max(max, now);
+      }
+      return max;
     },
     close() {
       closed ??= new Promise<void>((resolve) => {
