@@ -1,0 +1,166 @@
+/**
+ * The in-memory tree every writer (ext4, EROFS, cpio) takes: metadata only. A regular file's bytes
+ * stay in its layer; the inode holds a reference (layer, offset in the uncompressed tar stream), and
+ * writers read the bytes through a ContentSource in one sequential pass per layer.
+ *
+ * Hardlinks are one Inode object under several names. Names are kept as JS strings (UTF-8 decoded
+ * by the tar reader) and ordered by their UTF-8 bytes everywhere, so output is reproducible.
+ */
+
+export type FileType = "file" | "directory" | "symlink" | "char" | "block" | "fifo" | "socket";
+
+/** One region of a sparse file: `size` bytes of data at logical `offset` (the rest reads as zeros). */
+export interface Extent {
+  readonly offset: number;
+  readonly size: number;
+}
+
+/** Where a regular file's stored bytes are: a span of one layer's uncompressed tar stream. */
+export interface DataRef {
+  /** Layer index, bottom = 0. */
+  readonly layer: number;
+  /** Byte offset of the entry's data in the uncompressed layer stream. */
+  readonly offset: number;
+  /** Bytes stored in the archive for this entry (less than the file size when sparse). */
+  readonly stored: number;
+  /** Sparse files: the data regions, in the order their bytes are stored. */
+  readonly sparse?: readonly Extent[] | undefined;
+}
+
+export interface Inode {
+  type: FileType;
+  /** Permission bits with setuid/setgid/sticky (mode & 0o7777); the type is `type`. */
+  mode: number;
+  uid: number;
+  gid: number;
+  /** Modification time, seconds and nanoseconds; writers use it for atime/ctime too. */
+  mtime: number;
+  mtimeNsec: number;
+  /** Logical size: a file's bytes, a symlink target's UTF-8 length, 0 otherwise. */
+  size: number;
+  /** Symlink target, as written (absolute targets stay absolute). */
+  target: string;
+  /** Device numbers of char and block devices. */
+  rdevMajor: number;
+  rdevMinor: number;
+  /** Extended attributes: name → raw value bytes. */
+  xattrs: Map<string, Buffer>;
+  /** Regular files with size > 0. */
+  data: DataRef | undefined;
+  /** Directories: name → inode (a name is one path component, never "", "." or ".."). */
+  entries: Map<string, Inode> | undefined;
+}
+
+export function newInode(type: FileType, fields: Partial<Omit<Inode, "type">> = {}): Inode {
+  return {
+    type,
+    mode: fields.mode ?? (type === "directory" ? 0o755 : 0o644),
+    uid: fields.uid ?? 0,
+    gid: fields.gid ?? 0,
+    mtime: fields.mtime ?? 0,
+    mtimeNsec: fields.mtimeNsec ?? 0,
+    size: fields.size ?? 0,
+    target: fields.target ?? "",
+    rdevMajor: fields.rdevMajor ?? 0,
+    rdevMinor: fields.rdevMinor ?? 0,
+    xattrs: fields.xattrs ?? new Map(),
+    data: fields.data,
+    entries: type === "directory" ? (fields.entries ?? new Map()) : undefined,
+  };
+}
+
+/** Byte-wise order of UTF-8 names: the order on-disk directories and reproducible walks use. */
+export function compareNames(a: string, b: string): number {
+  return Buffer.compare(Buffer.from(a, "utf8"), Buffer.from(b, "utf8"));
+}
+
+/** A directory's entries sorted by name bytes. */
+export function sortedEntries(dir: Inode): [string, Inode][] {
+  if (!dir.entries) return [];
+  return [...dir.entries].sort((a, b) => compareNames(a[0], b[0]));
+}
+
+export interface WalkItem {
+  /** Path from the root, "" for the root itself, no leading slash: `etc/passwd`. */
+  readonly path: string;
+  readonly name: string;
+  readonly inode: Inode;
+  readonly parent: Inode | undefined;
+  /** True the first time this inode is met (later names are hardlinks to it). */
+  readonly first: boolean;
+}
+
+/** Depth-first, parents before children, names in byte order: the same order on every run. */
+export function* walk(root: Inode): Generator<WalkItem> {
+  const seen = new Set<Inode>();
+  function* visit(path: string, name: string, inode: Inode, parent: Inode | undefined): Generator<WalkItem> {
+    const first = !seen.has(inode);
+    seen.add(inode);
+    yield { path, name, inode, parent, first };
+    if (inode.type === "directory" && first) {
+      for (const [childName, child] of sortedEntries(inode)) {
+        yield* visit(path === "" ? childName : `${path}/${childName}`, childName, child, inode);
+      }
+    }
+  }
+  yield* visit("", "", root, undefined);
+}
+
+/** Link counts as filesystems define them: names for non-directories, 2 + subdirectories for directories. */
+export function linkCounts(root: Inode): Map<Inode, number> {
+  const counts = new Map<Inode, number>();
+  for (const item of walk(root)) {
+    if (item.inode.type === "directory") {
+      if (item.first)
+        counts.set(
+          item.inode,
+          2 + [...item.inode.entries!.values()].filter((c) => c.type === "directory").length,
+        );
+    } else {
+      counts.set(item.inode, (counts.get(item.inode) ?? 0) + 1);
+    }
+  }
+  return counts;
+}
+
+/**
+ * Regular files with data, each once, in the order their bytes can be read: by layer, then by
+ * offset in the layer. Writers lay data out in this order and read it through a ContentSource.
+ */
+export function dataOrder(root: Inode): Inode[] {
+  const files: Inode[] = [];
+  for (const item of walk(root))
+    if (item.first && item.inode.type === "file" && item.inode.data) files.push(item.inode);
+  return files.sort((a, b) => a.data!.layer - b.data!.layer || a.data!.offset - b.data!.offset);
+}
+
+/** The bytes of regular files, delivered in dataOrder. */
+export interface ContentSource {
+  /**
+   * Yields each file's logical content (exactly `inode.size` bytes, holes of sparse files as zeros),
+   * in the order given, which must be dataOrder's. Each `data` must be consumed before the next item.
+   */
+  contents(files: readonly Inode[]): AsyncIterable<{ inode: Inode; data: AsyncIterable<Buffer> }>;
+}
+
+/** A ContentSource over buffers in memory, for tests and tiny trees. */
+export class MemoryContent implements ContentSource {
+  readonly #bytes = new Map<Inode, Buffer>();
+
+  set(inode: Inode, bytes: Buffer): void {
+    this.#bytes.set(inode, bytes);
+  }
+
+  async *contents(files: readonly Inode[]): AsyncIterable<{ inode: Inode; data: AsyncIterable<Buffer> }> {
+    for (const inode of files) {
+      const bytes = this.#bytes.get(inode) ?? Buffer.alloc(inode.size);
+      yield {
+        inode,
+        data: (async function* () {
+          // Chunks of at most 64 KiB, as a stream would deliver them.
+          for (let i = 0; i < bytes.length; i += 65536) yield bytes.subarray(i, i + 65536);
+        })(),
+      };
+    }
+  }
+}
