@@ -139,6 +139,7 @@ export interface ContentSource {
   /**
    * Yields each file's logical content (exactly `inode.size` bytes, holes of sparse files as zeros),
    * in the order given, which must be dataOrder's. Each `data` must be consumed before the next item.
+   * A chunk, once yielded, belongs to the consumer (it may be kept, batched): never reuse its memory.
    */
   contents(files: readonly Inode[]): AsyncIterable<{ inode: Inode; data: AsyncIterable<Buffer> }>;
 }

@@ -1,0 +1,286 @@
+/**
+ * Writes a tree as a newc cpio archive (optionally gzip-compressed) for use as an initramfs.
+ *
+ * Entry order. File bytes can only be read in dataOrder (layer, then offset), not in walk order,
+ * and holding whole files in memory is not allowed. So the archive is laid out in three runs:
+ *   1. every directory, the root first as ".", in walk order (parents before children);
+ *   2. every other name that carries no file data (symlinks, devices, fifos, sockets, empty files,
+ *      and all but the last name of a hardlinked file), in walk order;
+ *   3. one entry per file with data, in dataOrder, its bytes streamed straight from the source.
+ * Both consumers need nothing more: the kernel (init/initramfs.c) and `cpio -i` create an entry
+ * with a plain open/mknod/symlink in a directory that must already exist, which run 1 guarantees,
+ * and neither needs any other order. The kernel records directory mtimes and sets them after the
+ * last entry (dir_utime), so files created later do not disturb them. (GNU cpio sets a directory's
+ * time when it creates it, so it loses the times of non-empty directories for any archive the
+ * kernel can read, whose parents must come first.)
+ *
+ * File data chunks are written by reference, batched: a ContentSource must not reuse a Buffer after
+ * yielding it (stream chunks never are).
+ *
+ * Hardlinks (newc convention, as GNU cpio writes them): every name of an inode has the same ino
+ * and the inode's nlink; the data goes with the last name only, the others have size 0. The
+ * kernel creates the first name, links later names to it (keyed by ino, devmajor/minor and type)
+ * and writes the data of the later entry through the link without truncating; `cpio -i` defers
+ * size-0 names until the data arrives. Hardlinked symlinks come out as separate symlinks (neither
+ * consumer links symlinks).
+ *
+ * Not representable, by design: xattrs (newc has no field; the kernel's only way is a non-standard
+ * METADATA!!! extension, not used), sub-second times, times outside 1970..2106 (clamped), file
+ * sizes of 4 GiB and more and paths longer than the kernel's PATH_MAX (both TOO_LARGE, naming the
+ * file: the kernel would silently drop such entries).
+ */
+import { type FileHandle, open, unlink } from "node:fs/promises";
+import { Readable } from "node:stream";
+import { pipeline } from "node:stream/promises";
+import { createGzip } from "node:zlib";
+import { KilnError } from "../../errors.js";
+import { type ContentSource, dataOrder, type Inode, linkCounts, type WalkItem, walk } from "../tree.js";
+import { encodeEntry, encodeTrailer, KERNEL_PATH_MAX, MAX_FIELD, modeField, pad4 } from "./header.js";
+
+export interface CpioOptions {
+  /** "gzip": one gzip member around the archive (what `--compress gzip` gives). Default "none". */
+  compress?: "gzip" | "none";
+  /** Seconds written as every entry's mtime instead of the inodes' own (e.g. SOURCE_DATE_EPOCH). */
+  mtimeOverride?: number;
+}
+
+/** zlib's default level: level 9 is much slower for a few percent smaller output at best. */
+const GZIP_LEVEL = 6;
+/** Small pieces (headers, names, padding) are gathered into chunks of this size before writing. */
+const CHUNK = 64 * 1024;
+/** The archive is padded with zeros to a multiple of this, as GNU cpio does (its block size). */
+const BLOCK = 512;
+const ZEROS = Buffer.alloc(BLOCK);
+/** Bytes gathered before one writev, and the most buffers in one (under Linux's IOV_MAX of 1024). */
+const BATCH = 1024 * 1024;
+const MAX_IOV = 512;
+
+/** writev until every byte is written (a writev may write part of its buffers). */
+async function writeAll(fh: FileHandle, buffers: Buffer[]): Promise<void> {
+  let rest = buffers;
+  while (rest.length > 0) {
+    let n = (await fh.writev(rest)).bytesWritten;
+    const wanted = rest.reduce((sum, b) => sum + b.length, 0);
+    if (n === 0 && wanted > 0) throw new KilnError("STORE", "cpio: the output file accepts no more bytes");
+    let i = 0;
+    while (i < rest.length && n >= rest[i]!.length) n -= rest[i++]!.length;
+    rest = rest.slice(i);
+    if (n > 0) rest[0] = rest[0]!.subarray(n);
+  }
+}
+
+interface Plan {
+  /** Runs 1 and 2: entries without file data, in archive order. */
+  metadata: WalkItem[];
+  /** Run 3: files with data, in dataOrder, with the name that carries their bytes. */
+  files: Inode[];
+  dataPath: Map<Inode, string>;
+  ino: Map<Inode, number>;
+  nlink: Map<Inode, number>;
+}
+
+const display = (path: string): string => `/${path}`;
+
+function plan(root: Inode): Plan {
+  const items = [...walk(root)];
+  const ino = new Map<Inode, number>();
+  const dataPath = new Map<Inode, string>();
+  for (const item of items) {
+    const { inode, path } = item;
+    // Deterministic inode numbers: walk order, from 1 (0 reads as "no inode" to some tools).
+    if (!ino.has(inode)) ino.set(inode, ino.size + 1);
+    if (inode.type === "file") {
+      if (inode.size > MAX_FIELD) {
+        throw new KilnError(
+          "TOO_LARGE",
+          `cpio: ${display(path)} is ${inode.size} bytes; newc cannot store files of 4 GiB or more`,
+          { details: { path: display(path), size: inode.size } },
+        );
+      }
+      if (inode.size > 0 && !inode.data) {
+        throw new KilnError("INVALID_ARGUMENT", `cpio: ${display(path)} has ${inode.size} bytes but no data`);
+      }
+      // The last name wins: later names overwrite earlier ones.
+      if (inode.data) dataPath.set(inode, path);
+    }
+    const nameBytes = Buffer.byteLength(path === "" ? "." : path, "utf8") + 1;
+    if (nameBytes > KERNEL_PATH_MAX) {
+      throw new KilnError(
+        "TOO_LARGE",
+        `cpio: path ${display(path).slice(0, 80)}… is ${nameBytes - 1} bytes; the kernel's initramfs unpacker skips paths over ${KERNEL_PATH_MAX - 1}`,
+        { details: { path: display(path) } },
+      );
+    }
+    if (inode.type === "symlink" && Buffer.byteLength(inode.target, "utf8") > KERNEL_PATH_MAX) {
+      throw new KilnError(
+        "TOO_LARGE",
+        `cpio: symlink ${display(path)} has a target over ${KERNEL_PATH_MAX} bytes, which the kernel skips`,
+        { details: { path: display(path) } },
+      );
+    }
+  }
+  const dirs = items.filter((i) => i.inode.type === "directory");
+  const others = items.filter((i) => i.inode.type !== "directory" && dataPath.get(i.inode) !== i.path);
+  return { metadata: [...dirs, ...others], files: dataOrder(root), dataPath, ino, nlink: linkCounts(root) };
+}
+
+function clampTime(seconds: number): number {
+  return Math.min(MAX_FIELD, Math.max(0, Math.floor(seconds)));
+}
+
+/** Chunks of the uncompressed archive, small pieces coalesced, file data passed through. */
+async function* archive(
+  p: Plan,
+  content: ContentSource,
+  mtimeOverride: number | undefined,
+): AsyncGenerator<Buffer> {
+  let parts: Buffer[] = [];
+  let partsLen = 0;
+  let total = 0;
+  const take = (): Buffer => {
+    const out = Buffer.concat(parts, partsLen);
+    parts = [];
+    partsLen = 0;
+    return out;
+  };
+  function* put(b: Buffer): Generator<Buffer> {
+    total += b.length;
+    if (b.length >= CHUNK) {
+      if (partsLen > 0) yield take();
+      yield b;
+      return;
+    }
+    parts.push(b);
+    partsLen += b.length;
+    if (partsLen >= CHUNK) yield take();
+  }
+  const header = (inode: Inode, path: string, filesize: number): Buffer =>
+    encodeEntry({
+      ino: p.ino.get(inode)!,
+      mode: modeField(inode.type, inode.mode),
+      uid: inode.uid,
+      gid: inode.gid,
+      nlink: p.nlink.get(inode) ?? 1,
+      mtime: clampTime(mtimeOverride ?? inode.mtime),
+      filesize,
+      rdevMajor: inode.type === "char" || inode.type === "block" ? inode.rdevMajor : 0,
+      rdevMinor: inode.type === "char" || inode.type === "block" ? inode.rdevMinor : 0,
+      name: Buffer.from(path === "" ? "." : path, "utf8"),
+    });
+
+  for (const { inode, path } of p.metadata) {
+    if (inode.type === "symlink") {
+      const target = Buffer.from(inode.target, "utf8");
+      yield* put(header(inode, path, target.length));
+      yield* put(target);
+      yield* put(ZEROS.subarray(0, pad4(target.length)));
+    } else {
+      yield* put(header(inode, path, 0));
+    }
+  }
+
+  let next = 0;
+  for await (const { inode, data } of content.contents(p.files)) {
+    const expected = p.files[next++];
+    const path = expected ? p.dataPath.get(expected)! : "";
+    if (inode !== expected) {
+      throw new KilnError(
+        "INTERNAL",
+        `cpio: content source delivered files out of order at ${display(path)}`,
+      );
+    }
+    yield* put(header(inode, path, inode.size));
+    let got = 0;
+    for await (const chunk of data) {
+      got += chunk.length;
+      if (got > inode.size) break;
+      yield* put(chunk);
+    }
+    if (got !== inode.size) {
+      throw new KilnError(
+        "SIZE_MISMATCH",
+        `cpio: ${display(path)} should have ${inode.size} bytes but its content ${got > inode.size ? "is longer" : `has ${got}`}`,
+      );
+    }
+    yield* put(ZEROS.subarray(0, pad4(inode.size)));
+  }
+  if (next !== p.files.length) {
+    const path = p.dataPath.get(p.files[next]!)!;
+    throw new KilnError("INTERNAL", `cpio: content source ended before ${display(path)}`);
+  }
+
+  yield* put(encodeTrailer());
+  yield* put(ZEROS.subarray(0, (BLOCK - (total % BLOCK)) % BLOCK));
+  if (partsLen > 0) yield take();
+}
+
+/**
+ * Writes `root` as a newc cpio archive to `out` (created or truncated; callers pass a temp path
+ * and rename it), streaming: file bytes are read once through `content` in dataOrder and never
+ * held whole. The output is fsynced before the promise resolves; on failure the partial file is
+ * removed. `bytes` is the size of the written file (compressed size with gzip).
+ *
+ * Reproducible: entry order, inode numbers and times come from the tree only. The gzip header has
+ * no name and mtime 0 (Node's zlib writes none), so output depends only on the tree and zlib.
+ */
+export async function writeCpio(
+  root: Inode,
+  content: ContentSource,
+  out: string,
+  opts: CpioOptions = {},
+): Promise<{ bytes: number }> {
+  const compress = opts.compress ?? "none";
+  if (compress !== "gzip" && compress !== "none") {
+    throw new KilnError("INVALID_ARGUMENT", `cpio: unknown compression ${String(compress)} (gzip or none)`);
+  }
+  const mtime = opts.mtimeOverride;
+  if (mtime !== undefined && (!Number.isInteger(mtime) || mtime < 0 || mtime > MAX_FIELD)) {
+    throw new KilnError("INVALID_ARGUMENT", `cpio: mtime override ${mtime} is not a time in 1970..2106`);
+  }
+  if (root.type !== "directory") {
+    throw new KilnError("INVALID_ARGUMENT", `cpio: the root must be a directory, not a ${root.type}`);
+  }
+  const p = plan(root);
+
+  const fh = await open(out, "w", 0o644);
+  let ok = false;
+  try {
+    // Written with writev, not a WriteStream (a stream holds the handle, and fsync needs it), in
+    // batches: one write per 64 KiB chunk spends most of its time waiting for the thread pool.
+    // One batch is written while the next is gathered.
+    const sink = async (chunks: AsyncIterable<Buffer>): Promise<void> => {
+      let batch: Buffer[] = [];
+      let batchLen = 0;
+      let writing: Promise<void> = Promise.resolve();
+      try {
+        for await (const chunk of chunks) {
+          batch.push(chunk);
+          batchLen += chunk.length;
+          if (batchLen >= BATCH || batch.length >= MAX_IOV) {
+            await writing;
+            writing = writeAll(fh, batch);
+            writing.catch(() => {}); // handled: awaited before the next batch or in finally
+            batch = [];
+            batchLen = 0;
+          }
+        }
+      } finally {
+        // Never leave a write running behind a failure: the handle is closed next.
+        await writing.catch(() => {});
+      }
+      await writing;
+      await writeAll(fh, batch);
+    };
+    const source = Readable.from(archive(p, content, mtime), { objectMode: false });
+    if (compress === "gzip")
+      await pipeline(source, createGzip({ level: GZIP_LEVEL, chunkSize: CHUNK }), sink);
+    else await pipeline(source, sink);
+    await fh.sync();
+    const { size } = await fh.stat();
+    ok = true;
+    return { bytes: size };
+  } finally {
+    await fh.close();
+    if (!ok) await unlink(out).catch(() => {});
+  }
+}
