@@ -1,0 +1,66 @@
+/**
+ * File bytes for the writers, read back from the layers: files come in dataOrder (layer, then
+ * offset), so each needed layer is decompressed once, front to back, skipping what lies between
+ * files. The layer stream is read to its end, so its diff ID is checked again in this pass.
+ */
+import { KilnError } from "../errors.js";
+import type { ContentSource, Inode } from "../fs/tree.js";
+import { ByteReader, sparseContent } from "../tar/reader.js";
+
+/** Opens layer `index`'s uncompressed tar stream (e.g. openLayerStream over its blob). */
+export type OpenLayer = (index: number) => Promise<AsyncIterable<Buffer>>;
+
+export class LayerContent implements ContentSource {
+  constructor(private readonly openLayer: OpenLayer) {}
+
+  async *contents(files: readonly Inode[]): AsyncIterable<{ inode: Inode; data: AsyncIterable<Buffer> }> {
+    let layer = -1;
+    let reader: ByteReader | undefined;
+    const truncated = (what: string) =>
+      new KilnError("INVALID_ARCHIVE", `layer ${layer}: stream ends before ${what}`);
+    try {
+      for (const inode of files) {
+        const ref = inode.data;
+        if (ref === undefined) {
+          if (inode.size !== 0)
+            throw new KilnError("INTERNAL", `a ${inode.size}-byte file has no data reference`);
+          yield { inode, data: empty() };
+          continue;
+        }
+        if (ref.layer !== layer) {
+          if (ref.layer < layer) throw outOfOrder(ref.layer, ref.offset);
+          if (reader) await reader.drain();
+          await reader?.close();
+          layer = ref.layer;
+          reader = new ByteReader(await this.openLayer(layer), truncated);
+        }
+        const r = reader!;
+        if (ref.offset < r.position) throw outOfOrder(ref.layer, ref.offset);
+        const what = `the data at offset ${ref.offset}`;
+        await r.skip(ref.offset - r.position, what);
+        const stored = r.take(ref.stored, `the end of the data at offset ${ref.offset}`);
+        if (ref.sparse) {
+          yield { inode, data: sparseContent(ref.sparse, inode.size, stored) };
+        } else {
+          if (ref.stored !== inode.size) {
+            throw new KilnError(
+              "INTERNAL",
+              `layer ${layer} offset ${ref.offset}: ${ref.stored} bytes stored for a ${inode.size}-byte file`,
+            );
+          }
+          yield { inode, data: stored };
+        }
+      }
+      // Read each layer to its end: that is where its diff ID is checked.
+      if (reader) await reader.drain();
+    } finally {
+      await reader?.close();
+    }
+  }
+}
+
+function outOfOrder(layer: number, offset: number): KilnError {
+  return new KilnError("INTERNAL", `file data at layer ${layer} offset ${offset} is not in dataOrder`);
+}
+
+async function* empty(): AsyncGenerator<Buffer> {}

@@ -1,0 +1,130 @@
+/**
+ * A layer blob's uncompressed bytes: the compression is chosen by the first bytes (gzip, zstd, or a
+ * plain tar), whatever the media type claims, and the sha256 of the uncompressed bytes is checked
+ * against the config's diff ID when the stream ends — so a caller that reads to the end never
+ * takes a tampered layer for a good one.
+ */
+import { createHash } from "node:crypto";
+import { pipeline, type Readable, type Transform } from "node:stream";
+import { createGunzip } from "node:zlib";
+import { DecompressStream } from "zstd-napi";
+import { isKilnError, KilnError } from "../errors.js";
+
+export type LayerCompression = "gzip" | "zstd" | "none";
+
+export interface LayerStreamOptions {
+  /** `sha256:<hex>` of the uncompressed bytes; checked at the end when given. */
+  readonly diffId?: string | undefined;
+  /** Names the layer in errors (e.g. "layer 2"); default "layer". */
+  readonly label?: string | undefined;
+}
+
+const GZIP = [0x1f, 0x8b];
+const ZSTD = [0x28, 0xb5, 0x2f, 0xfd];
+
+/** The compression the first bytes of a blob announce. */
+export function sniffCompression(head: Buffer): LayerCompression {
+  if (GZIP.every((b, i) => head[i] === b)) return "gzip";
+  if (ZSTD.every((b, i) => head[i] === b)) return "zstd";
+  return "none";
+}
+
+function isReadable(x: Readable | AsyncIterable<Buffer>): x is Readable {
+  return typeof (x as Readable).destroy === "function";
+}
+
+/** Wraps the source so its own errors (I/O, network) can be told from decompression errors. */
+class SourceError {
+  constructor(readonly error: unknown) {}
+}
+
+/**
+ * Yields the uncompressed bytes of a layer blob. Corrupt or truncated compressed data →
+ * INVALID_ARCHIVE naming the layer; at the end, an uncompressed sha256 that differs from
+ * `diffId` → DIGEST_MISMATCH, thrown as the iteration's last step. Errors of the input itself
+ * pass through unchanged. Stopping early (break) releases the input.
+ */
+export async function* openLayerStream(
+  compressed: Readable | AsyncIterable<Buffer>,
+  opts: LayerStreamOptions = {},
+): AsyncGenerator<Buffer> {
+  const label = opts.label ?? "layer";
+  const expected = opts.diffId?.toLowerCase();
+  if (expected !== undefined && !/^sha256:[0-9a-f]{64}$/.test(expected)) {
+    throw new KilnError("INVALID_ARGUMENT", `${label}: diff ID ${opts.diffId} is not a sha256 digest`);
+  }
+  const it = (compressed as AsyncIterable<Buffer>)[Symbol.asyncIterator]();
+  // Enough bytes to recognize the magic (a chunk may be tiny).
+  const head: Buffer[] = [];
+  let headLength = 0;
+  let ended = false;
+  while (headLength < ZSTD.length) {
+    const r = await it.next();
+    if (r.done) {
+      ended = true;
+      break;
+    }
+    head.push(r.value);
+    headLength += r.value.length;
+  }
+  const first = Buffer.concat(head);
+  const kind = sniffCompression(first);
+  async function* source(): AsyncGenerator<Buffer> {
+    try {
+      if (first.length > 0) yield first;
+      if (ended) return;
+      for (;;) {
+        const r = await it.next();
+        if (r.done) return;
+        yield r.value;
+      }
+    } catch (err) {
+      throw new SourceError(err);
+    } finally {
+      await it.return?.();
+    }
+  }
+
+  const hash = createHash("sha256");
+  let size = 0;
+  let decompressor: Transform | undefined;
+  try {
+    if (kind === "none") {
+      for await (const chunk of source()) {
+        hash.update(chunk);
+        size += chunk.length;
+        yield chunk;
+      }
+    } else {
+      decompressor = kind === "gzip" ? createGunzip() : new DecompressStream();
+      // pipeline destroys every stream on an error or an early stop, so nothing leaks.
+      const out = pipeline(source(), decompressor, () => {});
+      for await (const chunk of out as AsyncIterable<Buffer>) {
+        hash.update(chunk);
+        size += chunk.length;
+        yield chunk;
+      }
+    }
+  } catch (err) {
+    if (err instanceof SourceError) throw err.error;
+    if (isKilnError(err)) throw err;
+    const message = err instanceof Error ? err.message : String(err);
+    throw new KilnError("INVALID_ARCHIVE", `${label}: corrupt or truncated ${kind} data: ${message}`, {
+      cause: err,
+    });
+  } finally {
+    // On an early stop, release the input now: pipeline would only notice at its next chunk.
+    // Not awaited: a source stuck in a read must not hold the caller.
+    decompressor?.destroy();
+    if (isReadable(compressed)) compressed.destroy();
+    else it.return?.().catch(() => {});
+  }
+  const actual = `sha256:${hash.digest("hex")}`;
+  if (expected !== undefined && actual !== expected) {
+    throw new KilnError(
+      "DIGEST_MISMATCH",
+      `${label}: uncompressed content ${actual} does not match the config's diff ID ${expected}`,
+      { details: { expected, actual, size } },
+    );
+  }
+}
