@@ -4,6 +4,8 @@
  * the operations that use them: a CLI process pays for what its command needs (start-up time is most
  * of a warm pull).
  */
+
+import type { ExportFormat } from "./build/formats.js";
 import { KilnError } from "./errors.js";
 import { parseReference } from "./reference/reference.js";
 import type { RegistryOptions } from "./registry/client.js";
@@ -217,3 +219,36 @@ export async function removeImages(args: string[], opts: LookupOptions = {}): Pr
 }
 
 export type { ImageRecord, IngestProgress, IngestResult };
+
+export interface ExportImageOptions extends LookupOptions {
+  format: ExportFormat;
+  compress?: "gzip" | "none" | undefined;
+}
+
+export interface ExportImageResult {
+  image: ImageRecord;
+  /** Where the output was written. */
+  out: string;
+  bytes: number;
+  format: ExportFormat;
+  /** The artifact came from the store's cache. */
+  cached: boolean;
+}
+
+/**
+ * Writes an image of the store as a filesystem to `out` (replaced atomically). The artifact is
+ * cached in the store, so exporting the same image with the same options again is a copy.
+ */
+export async function exportImage(
+  arg: string,
+  out: string,
+  opts: ExportImageOptions,
+): Promise<ExportImageResult> {
+  const { exportArtifact, copySparse } = await import("./build/export.js");
+  return withStore(opts, async (store) => {
+    const image = lookup(store, arg, opts.platform);
+    const result = await exportArtifact(store, image, { format: opts.format, compress: opts.compress });
+    const bytes = await copySparse(result.file, out);
+    return { image, out, bytes, format: opts.format, cached: result.cached };
+  });
+}

@@ -4,9 +4,14 @@
  *   import { pull, inspectImage } from "kiln";
  *   await pull("alpine:3.20", { root: "/var/lib/kiln" });
  */
+
+export type { ExportFormat } from "./build/formats.js";
 export { type ErrorCode, isKilnError, KilnError } from "./errors.js";
 export {
   describeImage,
+  type ExportImageOptions,
+  type ExportImageResult,
+  exportImage,
   findImage,
   type ImageInspect,
   type ImageRecord,

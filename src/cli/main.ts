@@ -1,7 +1,10 @@
 import { Command, CommanderError, Option } from "commander";
+import { EXPORT_FORMATS, type ExportFormat } from "../build/formats.js";
 import { KilnError, toKilnError } from "../errors.js";
 import {
   describeImage,
+  type ExportImageResult,
+  exportImage,
   type ImageRecord,
   type IngestProgress,
   type IngestResult,
@@ -93,8 +96,15 @@ export function buildProgram(): Command {
     .option("--ca-file <file>", "extra PEM CA certificates to trust")
     .option("--registry-mirror <url>", "mirror for docker.io (repeatable)", collect)
     .addOption(new Option("--concurrency <n>", "layers downloaded at once").default(3).argParser(positiveInt))
+    .option("--format <format>", "then export it: cpio (with -o)")
+    .option("-o, --output <path>", "with --format: file to write")
+    .option("--compress <gzip|none>", "cpio: compress the archive", "none")
     .action(async (ref: string, o, cmd: Command) => {
       const g = globals(cmd);
+      if (Boolean(o.format) !== Boolean(o.output)) {
+        throw new KilnError("INVALID_ARGUMENT", "--format and -o/--output go together");
+      }
+      const format = o.format ? parseFormat(o.format) : undefined;
       const progress = await progressFor(g);
       const ac = abortOnSignal();
       let result: IngestResult;
@@ -112,6 +122,19 @@ export function buildProgram(): Command {
         });
       } finally {
         progress?.stop?.();
+      }
+      if (format) {
+        const r = await exportImage(result.image.manifestDigest, o.output, {
+          root: g.root,
+          format,
+          compress: parseCompress(o.compress),
+        });
+        if (g.json) json({ ...pullJson(result), export: exportJson(r) });
+        else if (!g.quiet) {
+          out(summary(result, "Pulled"));
+          reportExport(g, r);
+        } else out(r.out);
+        return;
       }
       if (g.json) json(pullJson(result));
       else if (g.quiet) out(result.image.manifestDigest);
@@ -146,6 +169,25 @@ export function buildProgram(): Command {
       if (g.json) json(results.map(pullJson));
       else if (g.quiet) for (const r of results) out(r.image.manifestDigest);
       else for (const r of results) out(summary(r, "Imported"));
+    });
+
+  program
+    .command("export")
+    .description("write an image of the store as a root filesystem")
+    .argument("<ref>", "reference, or a unique prefix of the manifest digest")
+    .requiredOption("--format <format>", "output format: cpio")
+    .requiredOption("-o, --output <path>", "file to write (replaced atomically)")
+    .option("--compress <gzip|none>", "cpio: compress the archive", "none")
+    .option("--platform <os/arch[/variant]>", "which platform, when the store holds several for the ref")
+    .action(async (ref: string, o, cmd: Command) => {
+      const g = globals(cmd);
+      const r = await exportImage(ref, o.output, {
+        root: g.root,
+        format: parseFormat(o.format),
+        compress: parseCompress(o.compress),
+        platform: o.platform ? parsePlatform(o.platform) : undefined,
+      });
+      reportExport(g, r);
     });
 
   program
@@ -217,6 +259,39 @@ export function buildProgram(): Command {
     });
 
   return program;
+}
+
+function parseFormat(v: string): ExportFormat {
+  if (!(EXPORT_FORMATS as readonly string[]).includes(v)) {
+    throw new KilnError("INVALID_ARGUMENT", `unknown format "${v}"; expected ${EXPORT_FORMATS.join(", ")}`);
+  }
+  return v as ExportFormat;
+}
+
+function parseCompress(v: string | undefined): "gzip" | "none" {
+  if (v === undefined || v === "none") return "none";
+  if (v === "gzip") return "gzip";
+  throw new KilnError("INVALID_ARGUMENT", `unknown compression "${v}"; expected gzip or none`);
+}
+
+function exportJson(r: ExportImageResult) {
+  return {
+    ref: r.image.ref,
+    digest: r.image.manifestDigest,
+    format: r.format,
+    output: r.out,
+    bytes: r.bytes,
+    cached: r.cached,
+  };
+}
+
+function reportExport(g: GlobalOptions, r: ExportImageResult): void {
+  if (g.json) json(exportJson(r));
+  else if (g.quiet) out(r.out);
+  else
+    out(
+      `Exported ${r.image.ref ?? r.image.manifestDigest} as ${r.format} to ${r.out} (${formatBytes(r.bytes)}${r.cached ? ", from cache" : ""})`,
+    );
 }
 
 function imageRow(i: ImageRecord) {

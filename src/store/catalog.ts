@@ -85,7 +85,32 @@ const MIGRATIONS: readonly string[] = [
      PRIMARY KEY (image_id, position)
    ) WITHOUT ROWID;
    CREATE INDEX image_layers_digest ON image_layers(digest);`,
+  // Exported filesystems, cached per (manifest digest, format, options): `key` names both.
+  `CREATE TABLE artifacts (
+     key TEXT PRIMARY KEY,
+     manifest_digest TEXT NOT NULL,
+     format TEXT NOT NULL,
+     options TEXT NOT NULL,
+     path TEXT NOT NULL,
+     size INTEGER NOT NULL,
+     created_at TEXT NOT NULL
+   ) WITHOUT ROWID;
+   CREATE INDEX artifacts_manifest ON artifacts(manifest_digest);`,
 ];
+
+/** An exported filesystem in the store's cache. */
+export interface ArtifactRecord {
+  /** Hex digest of (manifest digest, format, options); also its file name under artifacts/. */
+  key: string;
+  manifestDigest: string;
+  format: string;
+  /** The options, as canonical JSON. */
+  options: string;
+  /** Relative to the store root. */
+  path: string;
+  size: number;
+  createdAt: string;
+}
 
 interface ImageRow {
   id: number;
@@ -343,6 +368,36 @@ export class Catalog {
         .all() as string[];
       return new Set(rows);
     });
+  }
+
+  /** Records a published artifact (its file is already in place); replaces one of the same key. */
+  putArtifact(a: Omit<ArtifactRecord, "createdAt"> & { createdAt?: string }): ArtifactRecord {
+    const record = { ...a, createdAt: a.createdAt ?? new Date().toISOString() };
+    this.#guard(() =>
+      this.#db
+        .prepare(
+          `INSERT OR REPLACE INTO artifacts (key, manifest_digest, format, options, path, size, created_at)
+           VALUES (@key, @manifestDigest, @format, @options, @path, @size, @createdAt)`,
+        )
+        .run(record),
+    );
+    return record;
+  }
+
+  getArtifact(key: string): ArtifactRecord | undefined {
+    return this.#guard(
+      () =>
+        this.#db
+          .prepare(
+            `SELECT key, manifest_digest AS manifestDigest, format, options, path, size, created_at AS createdAt
+             FROM artifacts WHERE key = ?`,
+          )
+          .get(key) as ArtifactRecord | undefined,
+    );
+  }
+
+  removeArtifact(key: string): void {
+    this.#guard(() => this.#db.prepare("DELETE FROM artifacts WHERE key = ?").run(key));
   }
 
   close(): void {

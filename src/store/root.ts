@@ -22,6 +22,8 @@ export interface StoreLayout {
   /** Temp files and per-operation staging dirs; whatever a crash leaves here is garbage. */
   readonly tmpDir: string;
   readonly catalogFile: string;
+  /** Exported filesystems, `artifacts/<key>` (see Catalog.putArtifact). */
+  readonly artifactsDir: string;
 }
 
 export function storeLayout(root: string): StoreLayout {
@@ -30,5 +32,6 @@ export function storeLayout(root: string): StoreLayout {
     blobsDir: join(root, "blobs", "sha256"),
     tmpDir: join(root, "tmp"),
     catalogFile: join(root, "catalog.db"),
+    artifactsDir: join(root, "artifacts"),
   };
 }

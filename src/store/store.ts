@@ -9,6 +9,8 @@ export interface Store {
   readonly root: string;
   /** Temp files and staging dirs, on the blobs' filesystem. */
   readonly tmpDir: string;
+  /** Exported filesystems (the cache `kiln export` fills). */
+  readonly artifactsDir: string;
   readonly blobs: BlobStore;
   readonly catalog: Catalog;
   close(): void;
@@ -23,6 +25,7 @@ export async function openStore(root: string = defaultRoot()): Promise<Store> {
   return {
     root: layout.root,
     tmpDir: layout.tmpDir,
+    artifactsDir: layout.artifactsDir,
     blobs: new BlobStore(layout.root),
     catalog,
     close: () => catalog.close(),

@@ -1,0 +1,199 @@
+/**
+ * Image → filesystem. Pass 1 decompresses each layer (checking its diff ID), reads its tar headers
+ * and merges them into one tree (or one tree per layer); pass 2 streams file bytes from the layers
+ * again, in layer order, into the writer. The result is published into the store's artifact cache
+ * (temp file, fsync, rename, then recorded), keyed by (manifest digest, format, options), so the
+ * same export again is a copy.
+ */
+import { createHash, randomBytes } from "node:crypto";
+import { mkdir, open, rename, rm, stat } from "node:fs/promises";
+import { dirname, join, relative } from "node:path";
+import { KilnError } from "../errors.js";
+import { writeCpio } from "../fs/cpio/writer.js";
+import type { ContentSource, Inode } from "../fs/tree.js";
+import { LayerContent } from "../layers/content.js";
+import { openLayerStream } from "../layers/decompress.js";
+import { TreeBuilder } from "../layers/merge.js";
+import type { ArtifactRecord, ImageRecord } from "../store/catalog.js";
+import type { Store } from "../store/store.js";
+import { readTar } from "../tar/reader.js";
+import { EXPORT_FORMATS, type ExportFormat } from "./formats.js";
+
+export { EXPORT_FORMATS, type ExportFormat };
+
+export interface ExportOptions {
+  format: ExportFormat;
+  /** cpio: compress the archive. */
+  compress?: "gzip" | "none" | undefined;
+}
+
+/** Directories a tar does not list are created with this time (the epoch), so output never depends on the clock. */
+export const IMPLICIT_DIR_TIME = 0;
+
+/** The options that change the output, in a fixed order: part of the cache key. */
+function canonicalOptions(opts: ExportOptions): string {
+  return JSON.stringify({ format: opts.format, compress: opts.compress ?? "none" });
+}
+
+export function artifactKey(image: ImageRecord, opts: ExportOptions): { key: string; options: string } {
+  const options = canonicalOptions(opts);
+  const key = createHash("sha256").update(`${image.manifestDigest}\n${options}\n`).digest("hex");
+  return { key, options };
+}
+
+function layerLabel(image: ImageRecord, i: number): string {
+  return `layer ${i + 1}/${image.layers.length} (${image.layers[i]!.digest})`;
+}
+
+/** The uncompressed, diff-ID-checked stream of layer i of an image in the store. */
+function openLayer(store: Store, image: ImageRecord, i: number): AsyncIterable<Buffer> {
+  const layer = image.layers[i]!;
+  return openLayerStream(store.blobs.open(layer.digest), {
+    diffId: layer.diffId ?? undefined,
+    label: layerLabel(image, i),
+  });
+}
+
+/** Pass 1: every layer's tar headers merged into one tree (whiteouts applied). */
+export async function mergedTree(store: Store, image: ImageRecord): Promise<Inode> {
+  const builder = new TreeBuilder({ fixedTime: IMPLICIT_DIR_TIME });
+  for (let i = 0; i < image.layers.length; i++) {
+    await builder.addLayer(i, readTar(openLayer(store, image, i), { label: layerLabel(image, i) }));
+  }
+  return builder.finish();
+}
+
+/** Pass 2's source of file bytes: each layer read once more, in order. */
+export function layerContent(store: Store, image: ImageRecord): ContentSource {
+  return new LayerContent(async (i) => openLayer(store, image, i));
+}
+
+export interface ExportResult {
+  artifact: ArtifactRecord;
+  /** Absolute path of the artifact in the store. */
+  file: string;
+  /** True when it came from the cache. */
+  cached: boolean;
+}
+
+/** Builds (or finds in the cache) the artifact for an image in the store. */
+export async function exportArtifact(
+  store: Store,
+  image: ImageRecord,
+  opts: ExportOptions,
+): Promise<ExportResult> {
+  if (!EXPORT_FORMATS.includes(opts.format)) {
+    throw new KilnError(
+      "INVALID_ARGUMENT",
+      `unknown format "${opts.format}"; expected ${EXPORT_FORMATS.join(", ")}`,
+    );
+  }
+  const { key, options } = artifactKey(image, opts);
+  const existing = store.catalog.getArtifact(key);
+  if (existing) {
+    const file = join(store.root, existing.path);
+    const st = await stat(file).catch(() => undefined);
+    if (st?.size === existing.size) return { artifact: existing, file, cached: true };
+    // The record outlived its file (removed by hand): build it again.
+    store.catalog.removeArtifact(key);
+  }
+
+  const root = await mergedTree(store, image);
+  const final = join(store.artifactsDir, `${key}.${opts.format}`);
+  const tmp = join(store.tmpDir, `export-${key}-${process.pid}-${randomBytes(4).toString("hex")}`);
+  try {
+    await writeFormat(root, layerContent(store, image), tmp, opts);
+    await mkdir(store.artifactsDir, { recursive: true });
+    await rename(tmp, final);
+    await fsyncDir(store.artifactsDir);
+  } catch (err) {
+    await rm(tmp, { force: true, recursive: true });
+    throw err;
+  }
+  const size = (await stat(final)).size;
+  const artifact = store.catalog.putArtifact({
+    key,
+    manifestDigest: image.manifestDigest,
+    format: opts.format,
+    options,
+    path: relative(store.root, final),
+    size,
+  });
+  return { artifact, file: final, cached: false };
+}
+
+async function writeFormat(
+  root: Inode,
+  content: ContentSource,
+  out: string,
+  opts: ExportOptions,
+): Promise<void> {
+  switch (opts.format) {
+    case "cpio":
+      await writeCpio(root, content, out, { compress: opts.compress ?? "none" });
+      return;
+  }
+}
+
+async function fsyncDir(dir: string): Promise<void> {
+  const fh = await open(dir, "r");
+  try {
+    await fh.sync();
+  } catch {
+    // Some filesystems refuse fsync on a directory; the rename is atomic all the same.
+  } finally {
+    await fh.close();
+  }
+}
+
+const BLOCK = 4096;
+const CHUNK = 1 << 20;
+
+/**
+ * Copies an artifact to `out` through a temp file beside it, leaving holes where the source has
+ * all-zero blocks (disk images are mostly empty), then renames it into place.
+ */
+export async function copySparse(src: string, out: string): Promise<number> {
+  const tmp = join(dirname(out), `.${randomBytes(6).toString("hex")}.kiln-tmp`);
+  const input = await open(src, "r");
+  let output: Awaited<ReturnType<typeof open>> | undefined;
+  try {
+    output = await open(tmp, "wx");
+    const size = (await input.stat()).size;
+    const buf = Buffer.alloc(CHUNK);
+    for (let pos = 0; pos < size; ) {
+      const { bytesRead } = await input.read(buf, 0, Math.min(CHUNK, size - pos), pos);
+      if (bytesRead === 0) break;
+      // Write each run of non-zero blocks with one call; zero blocks stay holes.
+      let run = -1;
+      for (let off = 0; off < bytesRead; off += BLOCK) {
+        const zero = isZero(buf, off, Math.min(off + BLOCK, bytesRead));
+        if (!zero && run < 0) run = off;
+        if (zero && run >= 0) {
+          await output.write(buf, run, off - run, pos + run);
+          run = -1;
+        }
+      }
+      if (run >= 0) await output.write(buf, run, bytesRead - run, pos + run);
+      pos += bytesRead;
+    }
+    await output.truncate(size);
+    await output.sync();
+    await output.close();
+    output = undefined;
+    await rename(tmp, out);
+    return size;
+  } catch (err) {
+    await output?.close();
+    await rm(tmp, { force: true });
+    throw err;
+  } finally {
+    await input.close();
+  }
+}
+
+const ZERO_BLOCK = Buffer.alloc(BLOCK);
+
+function isZero(buf: Buffer, start: number, end: number): boolean {
+  return ZERO_BLOCK.compare(buf, start, end, 0, end - start) === 0;
+}

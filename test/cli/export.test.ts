@@ -1,0 +1,88 @@
+/**
+ * kiln export end to end: a real image (whiteouts, an opaque directory, hardlinks, setuid, owners,
+ * xattrs) pulled from a real registry, exported, unpacked by an independent tool, and compared
+ * entry by entry with `umoci unpack` of the same image.
+ */
+import assert from "node:assert/strict";
+import { join } from "node:path";
+import { after, before, describe, it } from "node:test";
+import { makeTempDir, removeDir, run } from "../helpers/exec.js";
+import { sampleImage } from "../helpers/fixtures.js";
+import { type Layout, pushImage } from "../helpers/images.js";
+import { type Registry, startRegistry } from "../helpers/registry.js";
+import { diffTrees, type EntryFacts, snapshotTree } from "../helpers/treecompare.js";
+import { assertFails, type Sandbox, sandbox } from "./kiln.js";
+
+/** The reference: umoci's unpack applies whiteouts correctly (TESTING.md). */
+async function umociRootfs(image: Layout, work: string): Promise<string> {
+  const bundle = join(work, "bundle");
+  await run("umoci", ["unpack", "--image", `${image.dir}:${image.tag}`, bundle]);
+  return join(bundle, "rootfs");
+}
+
+/** What cpio cannot carry (xattrs) and what differs by design (the root and directory mtimes). */
+function forCpio(facts: Map<string, EntryFacts>): Map<string, EntryFacts> {
+  const out = new Map<string, EntryFacts>();
+  for (const [path, f] of facts) {
+    if (path === "") continue;
+    out.set(path, { ...f, xattrs: {} });
+  }
+  return out;
+}
+
+describe("kiln export", () => {
+  let reg: Registry;
+  let box: Sandbox;
+  let work: string;
+  let reference: Map<string, EntryFacts>;
+  let ref: string;
+
+  before(async () => {
+    const image = await sampleImage();
+    reg = await startRegistry();
+    ref = (await pushImage(image, reg, "sample:1")).ref;
+    box = await sandbox();
+    work = await makeTempDir("export");
+    reference = await snapshotTree(await umociRootfs(image, work));
+  });
+  after(async () => {
+    await reg?.stop();
+    await box?.cleanup();
+    if (work) await removeDir(work);
+  });
+
+  for (const compress of ["none", "gzip"] as const) {
+    it(`cpio (${compress}): unpacked by GNU cpio, equals umoci unpack entry by entry`, async () => {
+      const out = join(work, `image-${compress}.cpio`);
+      const pull = await box.kiln(["pull", ref, "--format", "cpio", "--compress", compress, "-o", out]);
+      assert.equal(pull.code, 0, pull.stderr);
+      const dir = join(work, `x-${compress}`);
+      await run("mkdir", [dir]);
+      const unpack = compress === "gzip" ? `gzip -dc '${out}'` : `cat '${out}'`;
+      await run("sh", ["-c", `${unpack} | (cd '${dir}' && cpio -idmu --no-absolute-filenames --quiet)`]);
+      const diff = diffTrees(forCpio(reference), forCpio(await snapshotTree(dir)), ["umoci", "kiln"]);
+      assert.deepEqual(diff, []);
+      // Whiteouts never reach the output.
+      assert.ok(!reference.has("etc/passwd"));
+      assert.ok(!reference.has("home/user/old.txt"));
+    });
+  }
+
+  it("is byte-identical on a second run, and the second export comes from the store's cache", async () => {
+    const a = join(work, "a.cpio");
+    const b = join(work, "b.cpio");
+    const first = await box.json<{ cached: boolean }>(["export", ref, "--format", "cpio", "-o", a]);
+    const second = await box.json<{ cached: boolean }>(["export", ref, "--format", "cpio", "-o", b]);
+    assert.equal(second.cached, true);
+    assert.equal(typeof first.cached, "boolean");
+    await run("cmp", [a, b]);
+  });
+
+  it("refuses an unknown format and a missing image with one line and a code", async () => {
+    assertFails(
+      await box.kiln(["export", ref, "--format", "zip", "-o", join(work, "z")]),
+      "INVALID_ARGUMENT",
+    );
+    assertFails(await box.kiln(["export", "nope:1", "--format", "cpio", "-o", join(work, "z")]), "NOT_FOUND");
+  });
+});
