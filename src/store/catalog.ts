@@ -396,6 +396,18 @@ export class Catalog {
     );
   }
 
+  artifactsOf(manifestDigest: string): ArtifactRecord[] {
+    return this.#guard(
+      () =>
+        this.#db
+          .prepare(
+            `SELECT key, manifest_digest AS manifestDigest, format, options, path, size, created_at AS createdAt
+             FROM artifacts WHERE manifest_digest = ? ORDER BY key`,
+          )
+          .all(manifestDigest) as ArtifactRecord[],
+    );
+  }
+
   removeArtifact(key: string): void {
     this.#guard(() => this.#db.prepare("DELETE FROM artifacts WHERE key = ?").run(key));
   }

@@ -1,5 +1,5 @@
-import { mkdir } from "node:fs/promises";
-import { resolve } from "node:path";
+import { mkdir, rm } from "node:fs/promises";
+import { join, resolve } from "node:path";
 import { BlobStore } from "./blobs.js";
 import { Catalog, type ImageRecord } from "./catalog.js";
 import { defaultRoot, storeLayout } from "./root.js";
@@ -54,6 +54,12 @@ export async function removeImages(store: Store, records: readonly ImageRecord[]
   // Read after the removals, so an image recorded meanwhile by another process keeps its blobs.
   const referenced = store.catalog.referencedBlobs();
   for (const digest of candidates) {
-    if (!referenced.has(digest)) await store.blobs.delete(digest);
+    if (referenced.has(digest)) continue;
+    // Exported filesystems of a manifest no image has any more go with it.
+    for (const artifact of store.catalog.artifactsOf(digest)) {
+      store.catalog.removeArtifact(artifact.key);
+      await rm(join(store.root, artifact.path), { force: true, recursive: true });
+    }
+    await store.blobs.delete(digest);
   }
 }

@@ -4,6 +4,7 @@
  * entry by entry with `umoci unpack` of the same image.
  */
 import assert from "node:assert/strict";
+import { readdir } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
@@ -76,6 +77,17 @@ describe("kiln export", () => {
     assert.equal(second.cached, true);
     assert.equal(typeof first.cached, "boolean");
     await run("cmp", [a, b]);
+  });
+
+  it("kiln rm takes the image's cached artifacts with it", async () => {
+    const out = join(work, "c.cpio");
+    await box.json(["export", ref, "--format", "cpio", "-o", out]);
+    const artifacts = join(box.root, "artifacts");
+    assert.ok((await readdir(artifacts)).length > 0);
+    await box.json(["rm", ref]);
+    assert.deepEqual(await readdir(artifacts), []);
+    // Pulled again for the tests that follow.
+    await box.json(["pull", ref]);
   });
 
   it("refuses an unknown format and a missing image with one line and a code", async () => {

@@ -1,0 +1,607 @@
+/**
+ * ext4 writer. Everything is planned from the tree before any file byte is read: inode numbers,
+ * directory blocks, extent trees, attribute blocks, then the geometry and one position for each.
+ * File data is then streamed in dataOrder to its blocks (zero blocks stay holes of the output
+ * file), and the metadata is written last. Allocation is a prefix of the block and inode spaces.
+ */
+
+import { type FileHandle, open } from "node:fs/promises";
+import { KilnError } from "../../errors.js";
+import {
+  type ContentSource,
+  dataOrder,
+  type Inode,
+  linkCounts,
+  MemoryContent,
+  newInode,
+  sortedEntries,
+  walk,
+} from "../tree.js";
+import {
+  buildDirectory,
+  type DirEntry,
+  FT_BLK,
+  FT_CHR,
+  FT_DIR,
+  FT_FIFO,
+  FT_REG,
+  FT_SOCK,
+  FT_SYMLINK,
+} from "./dir.js";
+import { hashSeedWords } from "./dirhash.js";
+import { buildTree, type Run, toExtents, treeBlocks } from "./extents.js";
+import { buildGroups } from "./group.js";
+import {
+  deviceBlock,
+  encodeInode,
+  FL_EXTENTS,
+  FL_INDEX,
+  inodeSeed,
+  S_IFBLK,
+  S_IFCHR,
+  S_IFDIR,
+  S_IFIFO,
+  S_IFLNK,
+  S_IFREG,
+  S_IFSOCK,
+  sealInode,
+} from "./inode.js";
+import { BLOCK_SIZE, type Geometry, INODE_SIZE, planGeometry } from "./layout.js";
+import { checksumSeed, encodeSuperblock, FIRST_INODE } from "./superblock.js";
+import {
+  blockKey,
+  buildXattrBlock,
+  encodeXattrs,
+  MAX_XATTR_REFCOUNT,
+  placeXattrs,
+  writeInlineXattrs,
+  type XattrEntry,
+} from "./xattr.js";
+
+export interface Ext4Options {
+  /** Filesystem UUID (16 bytes), derived from the image digest by the caller. */
+  uuid: Buffer;
+  /** Directory hash seed (16 bytes). */
+  hashSeed: Buffer;
+  /** Exact output size in bytes; too small → TOO_LARGE naming the size needed. */
+  size?: number | undefined;
+  /** Extra free bytes beyond the default headroom (also adds one inode per 16 KiB). */
+  free?: number | undefined;
+  /** Extra free inodes. */
+  freeInodes?: number | undefined;
+  /** Volume label, at most 16 bytes. */
+  label?: string | undefined;
+  /** Seconds since the epoch for the superblock times; 0 by default (no clock). */
+  buildTime?: number | undefined;
+}
+
+export interface Ext4Result {
+  bytes: number;
+  blocks: number;
+  inodes: number;
+}
+
+const ROOT_INODE = 2;
+const LOST_FOUND = "lost+found";
+/** lost+found gets 16 KiB like mkfs makes it, so e2fsck can reconnect files without allocating. */
+const LOST_FOUND_BLOCKS = 4;
+const MAX_LINKS = 65000;
+const FAST_SYMLINK_MAX = 59;
+const ZERO_BLOCK = Buffer.alloc(BLOCK_SIZE);
+
+const MODE_BITS: Record<Inode["type"], number> = {
+  file: S_IFREG,
+  directory: S_IFDIR,
+  symlink: S_IFLNK,
+  char: S_IFCHR,
+  block: S_IFBLK,
+  fifo: S_IFIFO,
+  socket: S_IFSOCK,
+};
+const DIRENT_TYPES: Record<Inode["type"], number> = {
+  file: FT_REG,
+  directory: FT_DIR,
+  symlink: FT_SYMLINK,
+  char: FT_CHR,
+  block: FT_BLK,
+  fifo: FT_FIFO,
+  socket: FT_SOCK,
+};
+
+/** One inode as planned: its number, links, attributes and where its blocks go. */
+interface Node {
+  ino: number;
+  inode: Inode;
+  /** First path naming it, for error messages. */
+  path: string;
+  parent: number;
+  links: number;
+  inline: XattrEntry[];
+  xattrKey: string | undefined;
+  blockXattrs: XattrEntry[];
+  xattrBlock: number;
+  /** Directory blocks, or the one block of a slow symlink, or file data blocks. */
+  blocks: number;
+  /** Logical runs of a file that have blocks (all of it unless sparse). */
+  mapped: { logical: number; length: number }[];
+  extents: number;
+  tree: number;
+  indexed: boolean;
+  /** Physical start of its blocks and of its extent tree blocks. */
+  start: number;
+  treeStart: number;
+}
+
+function fail(code: "UNSUPPORTED_ARCHIVE" | "INTERNAL", message: string): never {
+  throw new KilnError(code, message);
+}
+
+/** Logical block runs that hold data: everything, or for sparse files the blocks their regions touch. */
+function mappedRuns(inode: Inode): { logical: number; length: number }[] {
+  const total = Math.ceil(inode.size / BLOCK_SIZE);
+  if (total === 0 || !inode.data) return [];
+  const sparse = inode.data.sparse;
+  if (!sparse) return [{ logical: 0, length: total }];
+  const spans = sparse
+    .filter((r) => r.size > 0)
+    .map(
+      (r) =>
+        [
+          Math.floor(r.offset / BLOCK_SIZE),
+          Math.min(total, Math.ceil((r.offset + r.size) / BLOCK_SIZE)),
+        ] as const,
+    )
+    .sort((a, b) => a[0] - b[0]);
+  const runs: { logical: number; length: number }[] = [];
+  for (const [from, to] of spans) {
+    const last = runs[runs.length - 1];
+    if (last && from <= last.logical + last.length) last.length = Math.max(last.length, to - last.logical);
+    else if (to > from) runs.push({ logical: from, length: to - from });
+  }
+  return runs;
+}
+
+function physicalRuns(node: Node): Run[] {
+  const runs: Run[] = [];
+  let phys = node.start;
+  for (const r of node.mapped) {
+    runs.push({ logical: r.logical, physical: phys, length: r.length });
+    phys += r.length;
+  }
+  return runs;
+}
+
+function dirEntries(dir: Inode, nodes: Map<Inode, Node>): DirEntry[] {
+  return sortedEntries(dir).map(([name, child]) => ({
+    name: Buffer.from(name, "utf8"),
+    ino: nodes.get(child)!.ino,
+    type: DIRENT_TYPES[child.type],
+  }));
+}
+
+interface Plan {
+  nodes: Node[];
+  byInode: Map<Inode, Node>;
+  geometry: Geometry;
+  usedBlocks: number;
+  usedInodes: number;
+  xattrBlocks: Map<string, { block: number; refcount: number; entries: XattrEntry[] }>;
+  files: Inode[];
+  lostFound: Inode | undefined;
+  hashSeed: Uint32Array;
+  fsSeed: number;
+}
+
+function plan(withLostFound: Inode, opts: Ext4Options): Plan {
+  const fsSeed = checksumSeed(opts.uuid);
+  const hashSeed = hashSeedWords(opts.hashSeed);
+  const counts = linkCounts(withLostFound);
+  const byInode = new Map<Inode, Node>();
+  const nodes: Node[] = [];
+  // Inode 11 is lost+found; a tree whose lost+found is not a directory gets no such inode.
+  const lostFound = withLostFound.entries!.get(LOST_FOUND);
+  const lostFoundIno = lostFound?.type === "directory" ? FIRST_INODE : 0;
+  let nextIno = lostFoundIno ? FIRST_INODE + 1 : FIRST_INODE;
+  for (const item of walk(withLostFound)) {
+    if (!item.first) continue;
+    const inode = item.inode;
+    if (Buffer.byteLength(item.name, "utf8") > 255)
+      fail("UNSUPPORTED_ARCHIVE", `${item.path}: name longer than 255 bytes`);
+    let ino: number;
+    if (item.parent === undefined) ino = ROOT_INODE;
+    else if (item.parent === withLostFound && item.name === LOST_FOUND && inode.type === "directory")
+      ino = FIRST_INODE;
+    else ino = nextIno++;
+    const where = item.path === "" ? "/" : `/${item.path}`;
+    const placed = placeXattrs(encodeXattrs(inode.xattrs, where), where);
+    const node: Node = {
+      ino,
+      inode,
+      path: where,
+      parent: item.parent ? byInode.get(item.parent)!.ino : ROOT_INODE,
+      links: counts.get(inode) ?? 1,
+      inline: placed.inline,
+      xattrKey: placed.block.length > 0 ? blockKey(placed.block) : undefined,
+      blockXattrs: placed.block,
+      xattrBlock: 0,
+      blocks: 0,
+      mapped: [],
+      extents: 0,
+      tree: 0,
+      indexed: false,
+      start: 0,
+      treeStart: 0,
+    };
+    if (inode.type === "directory" && node.links > MAX_LINKS) node.links = 1; // dir_nlink
+    byInode.set(inode, node);
+    nodes.push(node);
+  }
+  nodes.sort((a, b) => a.ino - b.ino);
+
+  // Block counts (positions come later; directory contents do not depend on them).
+  for (const node of nodes) {
+    const inode = node.inode;
+    if (inode.type === "directory") {
+      const d = buildDirectory(
+        node.ino,
+        node.parent,
+        dirEntries(inode, byInode),
+        hashSeed,
+        0,
+        inode === lostFound ? LOST_FOUND_BLOCKS - 1 : 0,
+      );
+      node.blocks = d.blocks.length;
+      node.indexed = d.indexed;
+      node.mapped = [{ logical: 0, length: node.blocks }];
+    } else if (inode.type === "symlink") {
+      const len = Buffer.byteLength(inode.target, "utf8");
+      if (len >= BLOCK_SIZE)
+        fail("UNSUPPORTED_ARCHIVE", `${node.path}: symlink target longer than ${BLOCK_SIZE - 1} bytes`);
+      if (len > FAST_SYMLINK_MAX) {
+        node.blocks = 1;
+        node.mapped = [{ logical: 0, length: 1 }];
+      }
+    } else if (inode.type === "file") {
+      node.mapped = mappedRuns(inode);
+      node.blocks = node.mapped.reduce((s, r) => s + r.length, 0);
+    }
+    node.extents = toExtents(node.mapped.map((r) => ({ ...r, physical: 0 }))).length;
+    node.tree = treeBlocks(node.extents);
+  }
+
+  // Shared attribute blocks, counted once each (a block holds at most MAX_XATTR_REFCOUNT users).
+  const xattrBlocks = new Map<string, { block: number; refcount: number; entries: XattrEntry[] }>();
+  let xattrCount = 0;
+  const users = new Map<string, number>();
+  for (const node of nodes) {
+    if (!node.xattrKey) continue;
+    const n = users.get(node.xattrKey) ?? 0;
+    if (n % MAX_XATTR_REFCOUNT === 0) xattrCount++;
+    users.set(node.xattrKey, n + 1);
+  }
+
+  const files = dataOrder(withLostFound);
+  const contentBlocks = nodes.reduce((s, n) => s + n.blocks + n.tree, 0) + xattrCount;
+  const usedInodes = nodes[nodes.length - 1]!.ino;
+  const geometry = planGeometry({
+    contentBlocks,
+    usedInodes,
+    size: opts.size,
+    free: opts.free,
+    freeInodes: opts.freeInodes,
+  });
+
+  // Positions: directory, symlink, tree and attribute blocks first (inode order), then file data.
+  let cursor = geometry.metaEnd;
+  for (const node of nodes) {
+    if (node.inode.type !== "file") {
+      node.start = cursor;
+      cursor += node.blocks;
+    }
+    node.treeStart = cursor;
+    cursor += node.tree;
+    if (node.xattrKey) {
+      // Each run of MAX_XATTR_REFCOUNT users of the same content gets its own block.
+      let slot = 0;
+      let entry = xattrBlocks.get(`${node.xattrKey}#${slot}`);
+      while (entry && entry.refcount >= MAX_XATTR_REFCOUNT)
+        entry = xattrBlocks.get(`${node.xattrKey}#${++slot}`);
+      if (!entry) {
+        entry = {
+          block: cursor++,
+          refcount: 0,
+          entries: node.blockXattrs,
+        };
+        xattrBlocks.set(`${node.xattrKey}#${slot}`, entry);
+      }
+      entry.refcount++;
+      node.xattrBlock = entry.block;
+    }
+  }
+  for (const inode of files) {
+    const node = byInode.get(inode)!;
+    node.start = cursor;
+    cursor += node.blocks;
+  }
+  return {
+    nodes,
+    byInode,
+    geometry,
+    usedBlocks: cursor,
+    usedInodes,
+    xattrBlocks,
+    files,
+    lostFound,
+    hashSeed,
+    fsSeed,
+  };
+}
+
+/**
+ * Collects blocks (queued synchronously: per-block promises are costly) and writes runs of
+ * contiguous non-zero blocks in one call each; zero blocks are left as holes.
+ */
+class BlockSink {
+  readonly #fh: FileHandle;
+  /** Runs waiting to be written: start block and the buffers, contiguous. */
+  #runs: { start: number; parts: Buffer[] }[] = [];
+  #next = -1;
+  #pending = 0;
+
+  constructor(fh: FileHandle) {
+    this.#fh = fh;
+  }
+
+  /** Queues `data` (whole blocks) at block `block`. The caller keeps `data` intact until drain(). */
+  put(block: number, data: Buffer): void {
+    for (let off = 0; off < data.length; off += BLOCK_SIZE) {
+      const b = data.subarray(off, off + BLOCK_SIZE);
+      const nr = block + off / BLOCK_SIZE;
+      if (ZERO_BLOCK.equals(b)) continue;
+      const last = this.#runs[this.#runs.length - 1];
+      if (last && nr === this.#next && last.parts.length < 256) last.parts.push(b);
+      else this.#runs.push({ start: nr, parts: [b] });
+      this.#next = nr + 1;
+      this.#pending += BLOCK_SIZE;
+    }
+  }
+
+  /** Writes what is queued when it has grown large (metadata is queued in many small pieces). */
+  async drainIfLarge(): Promise<void> {
+    if (this.#pending >= 8 << 20) await this.drain();
+  }
+
+  async drain(): Promise<void> {
+    const runs = this.#runs;
+    this.#runs = [];
+    this.#pending = 0;
+    this.#next = -1;
+    for (const run of runs) {
+      const buf = run.parts.length === 1 ? run.parts[0]! : Buffer.concat(run.parts);
+      let done = 0;
+      while (done < buf.length) {
+        const { bytesWritten } = await this.#fh.write(
+          buf,
+          done,
+          buf.length - done,
+          run.start * BLOCK_SIZE + done,
+        );
+        done += bytesWritten;
+      }
+    }
+  }
+}
+
+/** Streams each file's bytes to its blocks; holes of sparse files must read as zeros. */
+async function writeData(p: Plan, content: ContentSource, sink: BlockSink): Promise<void> {
+  const STAGE_BLOCKS = 256;
+  const stage = Buffer.alloc(STAGE_BLOCKS * BLOCK_SIZE);
+  for await (const { inode, data } of content.contents(p.files)) {
+    const node = p.byInode.get(inode);
+    if (!node) fail("INTERNAL", "content source yielded a file that is not in the tree");
+    const runs = physicalRuns(node);
+    let run = 0;
+    let received = 0;
+    let fill = 0;
+    let stageBlock = 0;
+    const flush = async (): Promise<void> => {
+      const blocks = Math.ceil(fill / BLOCK_SIZE);
+      stage.fill(0, fill, blocks * BLOCK_SIZE);
+      for (let k = 0; k < blocks; k++) {
+        const logical = stageBlock + k;
+        const b = stage.subarray(k * BLOCK_SIZE, (k + 1) * BLOCK_SIZE);
+        while (run < runs.length && runs[run]!.logical + runs[run]!.length <= logical) run++;
+        const r = runs[run];
+        if (!r || r.logical > logical) {
+          if (!ZERO_BLOCK.equals(b)) fail("INTERNAL", `${node.path}: data inside a hole of a sparse file`);
+          continue;
+        }
+        sink.put(r.physical + (logical - r.logical), b);
+      }
+      await sink.drain(); // the stage is reused: its bytes must be written before it is
+      stageBlock += blocks;
+      fill = 0;
+    };
+    for await (const chunk of data) {
+      received += chunk.length;
+      if (received > inode.size) fail("INTERNAL", `${node.path}: content longer than its size ${inode.size}`);
+      let off = 0;
+      while (off < chunk.length) {
+        const n = chunk.copy(stage, fill, off);
+        off += n;
+        fill += n;
+        if (fill === stage.length) await flush();
+      }
+    }
+    if (received !== inode.size)
+      fail("INTERNAL", `${node.path}: content has ${received} bytes, size is ${inode.size}`);
+    if (fill > 0) await flush();
+  }
+}
+
+function inodeBytes(p: Plan, node: Node): Buffer {
+  const inode = node.inode;
+  const buf = Buffer.alloc(INODE_SIZE);
+  const seed = inodeSeed(p.fsSeed, node.ino);
+  let block: Buffer = Buffer.alloc(60);
+  let flags = 0;
+  let size = inode.size;
+  if (inode.type === "directory" || inode.type === "file" || (inode.type === "symlink" && node.blocks > 0)) {
+    block = buildTree(toExtents(physicalRuns(node)), node.treeStart, seed).root;
+    flags = FL_EXTENTS | (node.indexed ? FL_INDEX : 0);
+    if (inode.type === "directory") size = node.blocks * BLOCK_SIZE;
+  }
+  if (inode.type === "symlink") {
+    size = Buffer.byteLength(inode.target, "utf8");
+    if (node.blocks === 0) Buffer.from(inode.target, "utf8").copy(block);
+  } else if (inode.type === "char" || inode.type === "block") {
+    block = deviceBlock(inode.rdevMajor, inode.rdevMinor);
+  } else if (inode.type !== "file" && inode.type !== "directory") {
+    size = 0;
+  }
+  encodeInode(buf, {
+    mode: MODE_BITS[inode.type] | (inode.mode & 0o7777),
+    uid: inode.uid,
+    gid: inode.gid,
+    size,
+    links: node.links,
+    time: inode.mtime,
+    timeNsec: inode.mtimeNsec,
+    sectors: (node.blocks + node.tree + (node.xattrBlock ? 1 : 0)) * (BLOCK_SIZE / 512),
+    flags,
+    block,
+    xattrBlock: node.xattrBlock,
+  });
+  writeInlineXattrs(buf, node.inline);
+  sealInode(buf, seed);
+  return buf;
+}
+
+async function writeMetadata(p: Plan, opts: Ext4Options, sink: BlockSink): Promise<void> {
+  const g = p.geometry;
+  // Per-inode blocks, in the order they were placed.
+  for (const node of p.nodes) {
+    const inode = node.inode;
+    const seed = inodeSeed(p.fsSeed, node.ino);
+    if (inode.type === "directory") {
+      const d = buildDirectory(
+        node.ino,
+        node.parent,
+        dirEntries(inode, p.byInode),
+        p.hashSeed,
+        seed,
+        inode === p.lostFound ? LOST_FOUND_BLOCKS - 1 : 0,
+      );
+      for (let i = 0; i < d.blocks.length; i++) sink.put(node.start + i, d.blocks[i]!);
+    } else if (inode.type === "symlink" && node.blocks > 0) {
+      const b = Buffer.alloc(BLOCK_SIZE);
+      b.write(inode.target, "utf8");
+      sink.put(node.start, b);
+    }
+    if (node.tree > 0) {
+      const tree = buildTree(toExtents(physicalRuns(node)), node.treeStart, seed);
+      for (let i = 0; i < tree.blocks.length; i++) sink.put(node.treeStart + i, tree.blocks[i]!);
+    }
+    await sink.drainIfLarge();
+  }
+  for (const x of [...p.xattrBlocks.values()].sort((a, b) => a.block - b.block)) {
+    sink.put(x.block, buildXattrBlock(x.entries, x.refcount, x.block, p.fsSeed));
+    await sink.drainIfLarge();
+  }
+  // Inode tables, one group at a time (only the part holding used inodes; the rest is a hole).
+  const byIno = new Map(p.nodes.map((n) => [n.ino, n]));
+  const dirsPerGroup = new Array<number>(g.groups).fill(0);
+  for (let grp = 0; grp < g.groups; grp++) {
+    const first = grp * g.inodesPerGroup + 1;
+    const count = Math.max(0, Math.min(g.inodesPerGroup, p.usedInodes - first + 1));
+    if (count === 0) break;
+    const table = Buffer.alloc(Math.ceil(count / 16) * BLOCK_SIZE);
+    for (let i = 0; i < count; i++) {
+      const node = byIno.get(first + i);
+      if (!node) continue; // reserved inodes stay zero
+      inodeBytes(p, node).copy(table, i * INODE_SIZE);
+      if (node.inode.type === "directory") dirsPerGroup[grp]!++;
+    }
+    sink.put(g.inodeTableStart + grp * g.inodeTableBlocks, table);
+    await sink.drain();
+  }
+  const tables = buildGroups(g, p.usedBlocks, p.usedInodes, dirsPerGroup, p.fsSeed);
+  sink.put(g.blockBitmapStart, tables.blockBitmaps);
+  sink.put(g.inodeBitmapStart, tables.inodeBitmaps);
+  sink.put(1, tables.descriptors);
+  const block0 = Buffer.alloc(BLOCK_SIZE);
+  encodeSuperblock({
+    geometry: g,
+    freeBlocks: g.blocks - p.usedBlocks,
+    freeInodes: g.inodes - p.usedInodes,
+    uuid: opts.uuid,
+    hashSeed: opts.hashSeed,
+    label: opts.label ?? "",
+    time: opts.buildTime ?? 0,
+  }).copy(block0, 1024);
+  sink.put(0, block0);
+  await sink.drain();
+}
+
+function checkOptions(opts: Ext4Options): void {
+  if (opts.uuid.length !== 16 || opts.hashSeed.length !== 16) {
+    throw new KilnError("INVALID_ARGUMENT", "ext4 uuid and hashSeed must be 16 bytes each");
+  }
+  if (opts.label !== undefined && Buffer.byteLength(opts.label, "utf8") > 16) {
+    throw new KilnError(
+      "INVALID_ARGUMENT",
+      `ext4 label ${JSON.stringify(opts.label)} is longer than 16 bytes`,
+    );
+  }
+}
+
+/** Writes `root` as an ext4 image at `out` (created or truncated), reading file bytes from `content`. */
+export async function writeExt4(
+  root: Inode,
+  content: ContentSource,
+  out: string,
+  opts: Ext4Options,
+): Promise<Ext4Result> {
+  checkOptions(opts);
+  if (root.type !== "directory")
+    throw new KilnError("INVALID_ARGUMENT", "the root of an ext4 tree must be a directory");
+  // lost+found (inode 11) is made as mkfs makes it unless the tree brings one.
+  const withLostFound: Inode = root.entries!.has(LOST_FOUND)
+    ? root
+    : {
+        ...root,
+        entries: new Map(root.entries).set(
+          LOST_FOUND,
+          newInode("directory", { mode: 0o700, mtime: opts.buildTime ?? 0 }),
+        ),
+      };
+  const p = plan(withLostFound, opts);
+  const bytes = opts.size ?? p.geometry.blocks * BLOCK_SIZE;
+  const fh = await open(out, "w");
+  try {
+    await fh.truncate(bytes);
+    const sink = new BlockSink(fh);
+    await writeData(p, content, sink);
+    await writeMetadata(p, opts, sink);
+  } finally {
+    await fh.close();
+  }
+  return { bytes, blocks: p.geometry.blocks, inodes: p.geometry.inodes };
+}
+
+export interface EmptyExt4Options {
+  uuid: Buffer;
+  hashSeed: Buffer;
+  label?: string | undefined;
+  buildTime?: number | undefined;
+}
+
+/** An empty, sparse ext4 filesystem of exactly `size` bytes (volumes, overlay upper layers). */
+export async function createEmptyExt4(
+  out: string,
+  size: number,
+  opts: EmptyExt4Options,
+): Promise<Ext4Result> {
+  const root = newInode("directory", { mode: 0o755, mtime: opts.buildTime ?? 0 });
+  return writeExt4(root, new MemoryContent(), out, { ...opts, size });
+}
