@@ -222,7 +222,12 @@ export type { ImageRecord, IngestProgress, IngestResult };
 
 export interface ExportImageOptions extends LookupOptions {
   format: ExportFormat;
+  /** cpio: compress the archive. */
   compress?: "gzip" | "none" | undefined;
+  /** ext4: exact size in bytes. */
+  size?: number | undefined;
+  /** ext4: extra free space in bytes, for writable disks. */
+  free?: number | undefined;
 }
 
 export interface ExportImageResult {
@@ -247,8 +252,39 @@ export async function exportImage(
   const { exportArtifact, copySparse } = await import("./build/export.js");
   return withStore(opts, async (store) => {
     const image = lookup(store, arg, opts.platform);
-    const result = await exportArtifact(store, image, { format: opts.format, compress: opts.compress });
+    const result = await exportArtifact(store, image, {
+      format: opts.format,
+      compress: opts.compress,
+      size: opts.size,
+      free: opts.free,
+    });
     const bytes = await copySparse(result.file, out);
     return { image, out, bytes, format: opts.format, cached: result.cached };
   });
+}
+
+/** Creates an empty, sparse ext4 filesystem of `size` bytes (volumes, overlay uppers). */
+export async function createDisk(
+  out: string,
+  size: number,
+  opts: { label?: string } = {},
+): Promise<{ out: string; bytes: number }> {
+  const { createEmptyExt4 } = await import("./fs/ext4/writer.js");
+  const { randomBytes } = await import("node:crypto");
+  const { rename, rm } = await import("node:fs/promises");
+  const { dirname, join } = await import("node:path");
+  // A fresh UUID per disk: two volumes attached to one VM must not share one.
+  const tmp = join(dirname(out), `.${randomBytes(6).toString("hex")}.kiln-tmp`);
+  try {
+    const r = await createEmptyExt4(tmp, size, {
+      uuid: randomBytes(16),
+      hashSeed: randomBytes(16),
+      label: opts.label,
+    });
+    await rename(tmp, out);
+    return { out, bytes: r.bytes };
+  } catch (err) {
+    await rm(tmp, { force: true });
+    throw err;
+  }
 }

@@ -8,6 +8,7 @@
 export type { ExportFormat } from "./build/formats.js";
 export { type ErrorCode, isKilnError, KilnError } from "./errors.js";
 export {
+  createDisk,
   describeImage,
   type ExportImageOptions,
   type ExportImageResult,

@@ -10,6 +10,7 @@ import { mkdir, open, rename, rm, stat } from "node:fs/promises";
 import { dirname, join, relative } from "node:path";
 import { KilnError } from "../errors.js";
 import { writeCpio } from "../fs/cpio/writer.js";
+import { writeExt4 } from "../fs/ext4/writer.js";
 import type { ContentSource, Inode } from "../fs/tree.js";
 import { LayerContent } from "../layers/content.js";
 import { openLayerStream } from "../layers/decompress.js";
@@ -25,6 +26,10 @@ export interface ExportOptions {
   format: ExportFormat;
   /** cpio: compress the archive. */
   compress?: "gzip" | "none" | undefined;
+  /** ext4: exact size in bytes (too small → TOO_LARGE naming the size needed). */
+  size?: number | undefined;
+  /** ext4: free space (and inodes) beyond the default headroom, for writable disks. */
+  free?: number | undefined;
 }
 
 /** Directories a tar does not list are created with this time (the epoch), so output never depends on the clock. */
@@ -32,7 +37,24 @@ export const IMPLICIT_DIR_TIME = 0;
 
 /** The options that change the output, in a fixed order: part of the cache key. */
 function canonicalOptions(opts: ExportOptions): string {
-  return JSON.stringify({ format: opts.format, compress: opts.compress ?? "none" });
+  switch (opts.format) {
+    case "cpio":
+      return JSON.stringify({ format: opts.format, compress: opts.compress ?? "none" });
+    case "ext4":
+      return JSON.stringify({ format: opts.format, size: opts.size ?? null, free: opts.free ?? 0 });
+  }
+}
+
+/**
+ * 16 bytes derived from the manifest digest and a purpose, so the same image gives the same
+ * filesystem UUID and hash seed every time (reproducible output), and different images differ.
+ */
+export function derivedId(manifestDigest: string, purpose: string): Buffer {
+  const id = createHash("sha256").update(`kiln:${purpose}:${manifestDigest}`).digest().subarray(0, 16);
+  // Shaped as an RFC 4122 version 4 UUID, as tools that show it expect.
+  id[6] = (id[6]! & 0x0f) | 0x40;
+  id[8] = (id[8]! & 0x3f) | 0x80;
+  return id;
 }
 
 export function artifactKey(image: ImageRecord, opts: ExportOptions): { key: string; options: string } {
@@ -102,7 +124,7 @@ export async function exportArtifact(
   const final = join(store.artifactsDir, `${key}.${opts.format}`);
   const tmp = join(store.tmpDir, `export-${key}-${process.pid}-${randomBytes(4).toString("hex")}`);
   try {
-    await writeFormat(root, layerContent(store, image), tmp, opts);
+    await writeFormat(root, layerContent(store, image), tmp, image, opts);
     await mkdir(store.artifactsDir, { recursive: true });
     await rename(tmp, final);
     await fsyncDir(store.artifactsDir);
@@ -126,11 +148,20 @@ async function writeFormat(
   root: Inode,
   content: ContentSource,
   out: string,
+  image: ImageRecord,
   opts: ExportOptions,
 ): Promise<void> {
   switch (opts.format) {
     case "cpio":
       await writeCpio(root, content, out, { compress: opts.compress ?? "none" });
+      return;
+    case "ext4":
+      await writeExt4(root, content, out, {
+        uuid: derivedId(image.manifestDigest, "ext4-uuid"),
+        hashSeed: derivedId(image.manifestDigest, "ext4-hash-seed"),
+        size: opts.size,
+        free: opts.free,
+      });
       return;
   }
 }

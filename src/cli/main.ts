@@ -2,6 +2,7 @@ import { Command, CommanderError, Option } from "commander";
 import { EXPORT_FORMATS, type ExportFormat } from "../build/formats.js";
 import { KilnError, toKilnError } from "../errors.js";
 import {
+  createDisk,
   describeImage,
   type ExportImageResult,
   exportImage,
@@ -16,7 +17,7 @@ import {
 } from "../images.js";
 import { parsePlatform } from "../registry/platform.js";
 import { defaultRoot } from "../store/root.js";
-import { ago, formatBytes, shortDigest, table } from "./format.js";
+import { ago, formatBytes, parseSize, shortDigest, table } from "./format.js";
 
 interface GlobalOptions {
   root?: string;
@@ -96,15 +97,17 @@ export function buildProgram(): Command {
     .option("--ca-file <file>", "extra PEM CA certificates to trust")
     .option("--registry-mirror <url>", "mirror for docker.io (repeatable)", collect)
     .addOption(new Option("--concurrency <n>", "layers downloaded at once").default(3).argParser(positiveInt))
-    .option("--format <format>", "then export it: cpio (with -o)")
+    .option("--format <format>", `then export it: ${EXPORT_FORMATS.join(", ")} (with -o)`)
     .option("-o, --output <path>", "with --format: file to write")
+    .option("--size <size>", "ext4: exact size, e.g. 2G")
+    .option("--free <size>", "ext4: extra free space for a writable disk")
     .option("--compress <gzip|none>", "cpio: compress the archive", "none")
     .action(async (ref: string, o, cmd: Command) => {
       const g = globals(cmd);
       if (Boolean(o.format) !== Boolean(o.output)) {
         throw new KilnError("INVALID_ARGUMENT", "--format and -o/--output go together");
       }
-      const format = o.format ? parseFormat(o.format) : undefined;
+      const exportOpts = o.format ? exportFlags(o) : undefined;
       const progress = await progressFor(g);
       const ac = abortOnSignal();
       let result: IngestResult;
@@ -123,12 +126,8 @@ export function buildProgram(): Command {
       } finally {
         progress?.stop?.();
       }
-      if (format) {
-        const r = await exportImage(result.image.manifestDigest, o.output, {
-          root: g.root,
-          format,
-          compress: parseCompress(o.compress),
-        });
+      if (exportOpts) {
+        const r = await exportImage(result.image.manifestDigest, o.output, { root: g.root, ...exportOpts });
         if (g.json) json({ ...pullJson(result), export: exportJson(r) });
         else if (!g.quiet) {
           out(summary(result, "Pulled"));
@@ -175,19 +174,36 @@ export function buildProgram(): Command {
     .command("export")
     .description("write an image of the store as a root filesystem")
     .argument("<ref>", "reference, or a unique prefix of the manifest digest")
-    .requiredOption("--format <format>", "output format: cpio")
+    .requiredOption("--format <format>", `output format: ${EXPORT_FORMATS.join(", ")}`)
     .requiredOption("-o, --output <path>", "file to write (replaced atomically)")
+    .option("--size <size>", "ext4: exact size, e.g. 2G (default: content + metadata + headroom)")
+    .option("--free <size>", "ext4: extra free space (and inodes) for a writable disk, e.g. 1G")
     .option("--compress <gzip|none>", "cpio: compress the archive", "none")
     .option("--platform <os/arch[/variant]>", "which platform, when the store holds several for the ref")
     .action(async (ref: string, o, cmd: Command) => {
       const g = globals(cmd);
       const r = await exportImage(ref, o.output, {
         root: g.root,
-        format: parseFormat(o.format),
-        compress: parseCompress(o.compress),
+        ...exportFlags(o),
         platform: o.platform ? parsePlatform(o.platform) : undefined,
       });
       reportExport(g, r);
+    });
+
+  program
+    .command("disk")
+    .description("empty disks")
+    .command("create")
+    .description("create an empty, sparse ext4 filesystem (a volume, an overlay upper)")
+    .argument("<path>", "file to write")
+    .requiredOption("--size <size>", "size, e.g. 10G")
+    .option("--label <label>", "volume label (at most 16 bytes)")
+    .action(async (path: string, o, cmd: Command) => {
+      const g = globals(cmd);
+      const r = await createDisk(path, sizeFlag("--size", o.size)!, { label: o.label });
+      if (g.json) json({ output: r.out, bytes: r.bytes });
+      else if (g.quiet) out(r.out);
+      else out(`Created ${r.out} (ext4, ${formatBytes(r.bytes)}, sparse)`);
     });
 
   program
@@ -266,6 +282,32 @@ function parseFormat(v: string): ExportFormat {
     throw new KilnError("INVALID_ARGUMENT", `unknown format "${v}"; expected ${EXPORT_FORMATS.join(", ")}`);
   }
   return v as ExportFormat;
+}
+
+function sizeFlag(flag: string, v: string | undefined): number | undefined {
+  if (v === undefined) return undefined;
+  const n = parseSize(v);
+  if (n === undefined || n <= 0) {
+    throw new KilnError("INVALID_ARGUMENT", `${flag}: "${v}" is not a size (examples: 4096, 512M, 10G)`);
+  }
+  return n;
+}
+
+/** The export flags shared by `export` and `pull --format`, checked against the format. */
+function exportFlags(o: { format: string; size?: string; free?: string; compress?: string }) {
+  const format = parseFormat(o.format);
+  if (format !== "ext4" && (o.size !== undefined || o.free !== undefined)) {
+    throw new KilnError("INVALID_ARGUMENT", "--size and --free apply to --format ext4");
+  }
+  if (format !== "cpio" && o.compress !== undefined && o.compress !== "none") {
+    throw new KilnError("INVALID_ARGUMENT", "--compress applies to --format cpio");
+  }
+  return {
+    format,
+    compress: parseCompress(o.compress),
+    size: sizeFlag("--size", o.size),
+    free: sizeFlag("--free", o.free),
+  };
 }
 
 function parseCompress(v: string | undefined): "gzip" | "none" {

@@ -4,7 +4,7 @@
  * entry by entry with `umoci unpack` of the same image.
  */
 import assert from "node:assert/strict";
-import { readdir } from "node:fs/promises";
+import { readdir, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
@@ -68,6 +68,46 @@ describe("kiln export", () => {
       assert.ok(!reference.has("home/user/old.txt"));
     });
   }
+
+  it("ext4: passes e2fsck, and mounted read-only equals umoci unpack entry by entry (xattrs too)", async () => {
+    const out = join(work, "image.ext4");
+    const r = await box.kiln(["export", ref, "--format", "ext4", "-o", out]);
+    assert.equal(r.code, 0, r.stderr);
+    await run("e2fsck", ["-fn", out]);
+    const mnt = join(work, "mnt-ext4");
+    await run("mkdir", [mnt]);
+    await run("mount", ["-o", "loop,ro", out, mnt]);
+    try {
+      const actual = await snapshotTree(mnt, { ignore: ["lost+found"] });
+      const drop = (m: Map<string, EntryFacts>) => new Map([...m].filter(([p]) => p !== ""));
+      assert.deepEqual(diffTrees(drop(reference), drop(actual), ["umoci", "kiln"]), []);
+      // The sample carries a user.* xattr: it must survive.
+      assert.ok(Object.keys(actual.get("etc/tagged")!.xattrs).includes("user.kiln"));
+    } finally {
+      await run("umount", [mnt]);
+    }
+  });
+
+  it("ext4 --size: exact size, and TOO_LARGE naming the size needed when too small", async () => {
+    const out = join(work, "sized.ext4");
+    await box.json(["export", ref, "--format", "ext4", "--size", "64M", "-o", out]);
+    assert.equal((await stat(out)).size, 64 * 1024 * 1024);
+    await run("e2fsck", ["-fn", out]);
+    const small = assertFails(
+      await box.kiln(["export", ref, "--format", "ext4", "--size", "64K", "-o", join(work, "small.ext4")]),
+      "TOO_LARGE",
+    );
+    assert.match(small, /\d/);
+  });
+
+  it("disk create: an empty sparse ext4 that e2fsck accepts", async () => {
+    const out = join(work, "vol.ext4");
+    await box.json(["disk", "create", "--size", "1G", out]);
+    const st = await stat(out);
+    assert.equal(st.size, 1024 ** 3);
+    assert.ok(st.blocks * 512 < 64 * 1024 * 1024, "sparse");
+    await run("e2fsck", ["-fn", out]);
+  });
 
   it("is byte-identical on a second run, and the second export comes from the store's cache", async () => {
     const a = join(work, "a.cpio");
