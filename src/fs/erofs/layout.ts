@@ -1,0 +1,321 @@
+/**
+ * Where everything of an EROFS image goes, computed from the tree alone before any byte is
+ * written (every size is known from the metadata):
+ *
+ *   block 0                superblock
+ *   blocks 1..            regular files' full blocks, in dataOrder (so they stream in one pass)
+ *   then                   full blocks of directories and symlinks too big to inline
+ *   meta_blkaddr..end      the metadata area: per inode, on 32-byte slots, the inode, its inline
+ *                          xattrs, and its inline tail (last partial block of a file, directory or
+ *                          symlink), the whole kept inside one block as the kernel requires.
+ *
+ * Slot 0 of the metadata area stays empty: the kernel reports nid as the inode number, and a
+ * root with inode number 0 hides "." and ".." from readdir users that skip d_ino 0.
+ */
+import { KilnError } from "../../errors.js";
+import type { Inode } from "../tree.js";
+import { type DirEntry, type DirPlan, planDirBlocks } from "./dirent.js";
+import {
+  COMPACT_SIZE,
+  DIRENT_TYPE,
+  EXTENDED_SIZE,
+  encodeRdev,
+  FLAT_INLINE,
+  FLAT_PLAIN,
+  fitsCompact,
+  SLOT_SIZE,
+} from "./inode.js";
+import { BLOCK_SIZE } from "./superblock.js";
+import { encodeXattrs } from "./xattr.js";
+
+/** raw_blkaddr of an inode with no blocks (what mkfs.erofs writes too). */
+const NULL_ADDR = 0xffffffff;
+/** Linux symlink targets are shorter than PATH_MAX (4096 with the NUL). */
+const MAX_SYMLINK = 4095;
+const MAX_NAME = 255;
+
+export interface Node {
+  inode: Inode;
+  /** First path of the inode, for messages. */
+  path: string;
+  ino: number;
+  nlink: number;
+  extended: boolean;
+  /** Encoded inline xattrs (empty when none). */
+  xattrs: Buffer;
+  layout: number;
+  /** i_size. */
+  size: number;
+  /** Full blocks at blkaddr (the tail excluded when inline). */
+  blocks: number;
+  /** raw_blkaddr, or the encoded rdev of a device. */
+  u: number;
+  /** Bytes of the last partial block stored in the slot after the xattrs (0 when not inline). */
+  tail: number;
+  /** Byte offset of the slot in the metadata area; nid = offset / 32. */
+  offset: number;
+  /** Directories: entries with "." and "..", sorted by name bytes, and their block split. */
+  dir?: { entries: DirRef[]; plan: DirPlan };
+  /** Symlinks: the target bytes. */
+  target?: Buffer;
+}
+
+/** A dirent with the inode it names (its nid is known once slots are placed). */
+export interface DirRef extends DirEntry {
+  ref: Inode;
+  /** The child's name; undefined for "." and "..". */
+  str: string | undefined;
+}
+
+const DOT = Buffer.from(".");
+const DOTDOT = Buffer.from("..");
+
+export interface Layout {
+  /** Every inode once, in walk order (the root first): the order of the metadata area. */
+  nodes: Node[];
+  byInode: Map<Inode, Node>;
+  /** Regular files with data, in the order their bytes arrive. */
+  files: Inode[];
+  buildTime: number;
+  buildTimeNsec: number;
+  metaBlkaddr: number;
+  /** Bytes of the metadata area, a whole number of blocks. */
+  metaBytes: number;
+  totalBlocks: number;
+}
+
+export interface LayoutOptions {
+  buildTime?: number | undefined;
+  /** Store the last partial block of regular files after their inode (default true). */
+  inlineData?: boolean | undefined;
+}
+
+const slotOf = (n: Node): number => n.offset / SLOT_SIZE;
+export const nidOf = slotOf;
+export const inodeSize = (n: Node): number => (n.extended ? EXTENDED_SIZE : COMPACT_SIZE);
+
+/** A directory entry's name as stored; `dir` is the parent's path, for the message. */
+function checkName(name: string, dir: string): Buffer {
+  const bytes = Buffer.from(name, "utf8");
+  if (bytes.length === 0 || bytes.length > MAX_NAME || name === "." || name === ".." || /[/\0]/.test(name))
+    throw new KilnError(
+      "INVALID_ARGUMENT",
+      `name ${JSON.stringify(name)} in /${dir} cannot be stored in EROFS (1-255 bytes, no / or NUL)`,
+    );
+  return bytes;
+}
+
+/** The most common (mtime, nsec) of the tree, so as many inodes as possible can be compact. */
+function commonTime(inodes: readonly Inode[]): [number, number] {
+  const counts = new Map<string, { t: [number, number]; n: number }>();
+  for (const i of inodes) {
+    if (i.mtime < 0) continue; // build_time is unsigned
+    const key = `${i.mtime}.${i.mtimeNsec}`;
+    const c = counts.get(key);
+    if (c) c.n++;
+    else counts.set(key, { t: [i.mtime, i.mtimeNsec], n: 1 });
+  }
+  let best: { t: [number, number]; n: number } | undefined;
+  for (const c of counts.values()) {
+    if (
+      !best ||
+      c.n > best.n ||
+      (c.n === best.n && (c.t[0] < best.t[0] || (c.t[0] === best.t[0] && c.t[1] < best.t[1])))
+    )
+      best = c;
+  }
+  return best?.t ?? [0, 0];
+}
+
+interface Visit {
+  nodes: Node[];
+  byInode: Map<Inode, Node>;
+  /** Directories: their dirents, sorted by name bytes. */
+  children: Map<Inode, DirRef[]>;
+}
+
+/**
+ * One depth-first pass, parents first, names in byte order (tree.ts `walk` order), sorting each
+ * directory once: walk() compares names by re-encoding them, too slow for 100k-entry trees.
+ */
+function visitTree(root: Inode): Visit {
+  const v: Visit = { nodes: [], byInode: new Map(), children: new Map() };
+  const visit = (path: string, inode: Inode, parent: Inode): void => {
+    const seen = v.byInode.get(inode);
+    if (seen) {
+      if (inode.type === "directory")
+        throw new KilnError(
+          "INVALID_ARGUMENT",
+          `directory /${path} has a second name (hardlinked directory)`,
+        );
+      seen.nlink++;
+      return;
+    }
+    const node: Node = {
+      inode,
+      path,
+      ino: v.nodes.length + 1,
+      nlink: 1,
+      extended: false,
+      xattrs: encodeXattrs(inode.xattrs, `/${path}`),
+      layout: FLAT_PLAIN,
+      size: 0,
+      blocks: 0,
+      u: 0,
+      tail: 0,
+      offset: 0,
+    };
+    v.nodes.push(node);
+    v.byInode.set(inode, node);
+    if (inode.type !== "directory") return;
+    // Dirents, "." and ".." included: they sort among the names ("-x" comes before them).
+    const entries: DirRef[] = [
+      { name: DOT, type: DIRENT_TYPE.directory, nid: 0, ref: inode, str: undefined },
+      { name: DOTDOT, type: DIRENT_TYPE.directory, nid: 0, ref: parent, str: undefined },
+    ];
+    let subdirs = 0;
+    for (const [name, child] of inode.entries!) {
+      entries.push({
+        name: checkName(name, path),
+        type: DIRENT_TYPE[child.type],
+        nid: 0,
+        ref: child,
+        str: name,
+      });
+      if (child.type === "directory") subdirs++;
+    }
+    entries.sort((a, b) => Buffer.compare(a.name, b.name));
+    v.children.set(inode, entries);
+    node.nlink = 2 + subdirs;
+    for (const e of entries) if (e.str !== undefined) visit(path ? `${path}/${e.str}` : e.str, e.ref, inode);
+  };
+  visit("", root, root);
+  return v;
+}
+
+export function planLayout(root: Inode, opts: LayoutOptions = {}): Layout {
+  if (root.type !== "directory")
+    throw new KilnError("INVALID_ARGUMENT", "the root of an EROFS image must be a directory");
+  const inlineData = opts.inlineData ?? true;
+  if (opts.buildTime !== undefined && !(Number.isSafeInteger(opts.buildTime) && opts.buildTime >= 0))
+    throw new KilnError(
+      "INVALID_ARGUMENT",
+      `EROFS build time ${opts.buildTime} is not a non-negative integer`,
+    );
+  const { nodes, byInode, children } = visitTree(root);
+
+  const [buildTime, buildTimeNsec] =
+    opts.buildTime === undefined ? commonTime(nodes.map((n) => n.inode)) : [opts.buildTime, 0];
+
+  for (const node of nodes) {
+    const { inode } = node;
+    let inlineAllowed = true;
+    switch (inode.type) {
+      case "file":
+        node.size = inode.size;
+        inlineAllowed = inlineData;
+        break;
+      case "directory": {
+        const entries = children.get(inode)!;
+        const plan = planDirBlocks(entries);
+        node.dir = { entries, plan };
+        node.size = plan.size;
+        break;
+      }
+      case "symlink":
+        node.target = Buffer.from(inode.target, "utf8");
+        if (node.target.length > MAX_SYMLINK)
+          throw new KilnError(
+            "UNSUPPORTED_ARCHIVE",
+            `symlink /${node.path} has a target longer than ${MAX_SYMLINK} bytes`,
+          );
+        node.size = node.target.length;
+        break;
+      case "char":
+      case "block":
+        if (inode.rdevMajor > 0xfff || inode.rdevMinor > 0xfffff)
+          throw new KilnError(
+            "UNSUPPORTED_ARCHIVE",
+            `device /${node.path} ${inode.rdevMajor}:${inode.rdevMinor} is out of range`,
+          );
+        node.u = encodeRdev(inode.rdevMajor, inode.rdevMinor);
+        break;
+      default:
+        break;
+    }
+    if (inode.uid > 0xffffffff || inode.gid > 0xffffffff || inode.uid < 0 || inode.gid < 0)
+      throw new KilnError(
+        "UNSUPPORTED_ARCHIVE",
+        `owner ${inode.uid}:${inode.gid} of /${node.path} is out of range`,
+      );
+    node.extended = !fitsCompact(
+      {
+        uid: inode.uid,
+        gid: inode.gid,
+        nlink: node.nlink,
+        size: node.size,
+        mtime: inode.mtime,
+        mtimeNsec: inode.mtimeNsec,
+      },
+      buildTime,
+      buildTimeNsec,
+    );
+    const hasData = inode.type === "file" || inode.type === "directory" || inode.type === "symlink";
+    if (hasData) {
+      const tail = node.size % BLOCK_SIZE;
+      if (inlineAllowed && tail > 0 && inodeSize(node) + node.xattrs.length + tail <= BLOCK_SIZE) {
+        node.layout = FLAT_INLINE;
+        node.tail = tail;
+        node.blocks = Math.floor(node.size / BLOCK_SIZE);
+      } else {
+        node.blocks = Math.ceil(node.size / BLOCK_SIZE);
+      }
+    }
+  }
+
+  // Blocks: regular files in dataOrder first, then directories and symlinks.
+  let next = 1;
+  // tree.ts dataOrder, from the nodes already in walk order (a stable sort keeps ties alike).
+  const files = nodes
+    .filter((n) => n.inode.type === "file" && n.inode.data)
+    .map((n) => n.inode)
+    .sort((a, b) => a.data!.layer - b.data!.layer || a.data!.offset - b.data!.offset);
+  const place = (node: Node): void => {
+    if (node.blocks > 0) {
+      node.u = next;
+      next += node.blocks;
+    } else if (node.layout === FLAT_INLINE || node.inode.type === "file" || node.inode.type === "directory") {
+      node.u = NULL_ADDR;
+    }
+  };
+  for (const inode of files) place(byInode.get(inode)!);
+  for (const node of nodes) if (node.inode.type !== "file" || !node.inode.data) place(node);
+  const metaBlkaddr = next;
+
+  // Slots: 32-byte aligned; a slot that fits in a block never straddles two.
+  let offset = SLOT_SIZE;
+  for (const node of nodes) {
+    const size = inodeSize(node) + node.xattrs.length + node.tail;
+    offset = Math.ceil(offset / SLOT_SIZE) * SLOT_SIZE;
+    if (size <= BLOCK_SIZE && (offset % BLOCK_SIZE) + size > BLOCK_SIZE)
+      offset = Math.ceil(offset / BLOCK_SIZE) * BLOCK_SIZE;
+    node.offset = offset;
+    offset += size;
+  }
+  const metaBytes = Math.ceil(offset / BLOCK_SIZE) * BLOCK_SIZE;
+  if (slotOf(nodes[0]!) > 0xffff)
+    throw new KilnError("INTERNAL", "EROFS root inode nid does not fit 16 bits");
+
+  // Directory entries point at nids, known now.
+  for (const node of nodes) {
+    for (const e of node.dir?.entries ?? []) e.nid = slotOf(byInode.get(e.ref)!);
+  }
+
+  const totalBlocks = metaBlkaddr + metaBytes / BLOCK_SIZE;
+  if (totalBlocks > 0xffffffff)
+    throw new KilnError(
+      "TOO_LARGE",
+      `EROFS image would need ${totalBlocks} blocks; 4 KiB blocks address at most 16 TiB`,
+    );
+  return { nodes, byInode, files, buildTime, buildTimeNsec, metaBlkaddr, metaBytes, totalBlocks };
+}

@@ -1,0 +1,23 @@
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+import { formatBytes, parseSize } from "../../src/cli/format.js";
+
+describe("parseSize", () => {
+  const cases: [string, number][] = [
+    ["4096", 4096],
+    ["512M", 512 * 1024 ** 2],
+    ["10G", 10 * 1024 ** 3],
+    ["1.5GiB", 1.5 * 1024 ** 3],
+    ["2GB", 2e9],
+    ["64k", 65536],
+    ["1T", 1024 ** 4],
+  ];
+  for (const [text, bytes] of cases) it(`${text} → ${bytes}`, () => assert.equal(parseSize(text), bytes));
+  for (const bad of ["", "G", "10X", "-1G", "1e3", "ten"]) {
+    it(`rejects ${JSON.stringify(bad)}`, () => assert.equal(parseSize(bad), undefined));
+  }
+  it("formats bytes in decimal units", () => {
+    assert.equal(formatBytes(999), "999 B");
+    assert.equal(formatBytes(1_500_000), "1.5 MB");
+  });
+});
