@@ -249,7 +249,7 @@ export async function exportImage(
   out: string,
   opts: ExportImageOptions,
 ): Promise<ExportImageResult> {
-  const { exportArtifact, copySparse } = await import("./build/export.js");
+  const { exportArtifact, copyArtifact } = await import("./build/export.js");
   return withStore(opts, async (store) => {
     const image = lookup(store, arg, opts.platform);
     const result = await exportArtifact(store, image, {
@@ -258,7 +258,7 @@ export async function exportImage(
       size: opts.size,
       free: opts.free,
     });
-    const bytes = await copySparse(result.file, out);
+    const bytes = await copyArtifact(result.file, out);
     return { image, out, bytes, format: opts.format, cached: result.cached };
   });
 }

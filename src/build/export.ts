@@ -6,15 +6,16 @@
  * same export again is a copy.
  */
 import { createHash, randomBytes } from "node:crypto";
-import { mkdir, open, rename, rm, stat } from "node:fs/promises";
+import { mkdir, open, readdir, rename, rm, stat } from "node:fs/promises";
 import { dirname, join, relative } from "node:path";
 import { KilnError } from "../errors.js";
 import { writeCpio } from "../fs/cpio/writer.js";
+import { writeErofs } from "../fs/erofs/writer.js";
 import { writeExt4 } from "../fs/ext4/writer.js";
 import type { ContentSource, Inode } from "../fs/tree.js";
 import { LayerContent } from "../layers/content.js";
 import { openLayerStream } from "../layers/decompress.js";
-import { TreeBuilder } from "../layers/merge.js";
+import { buildLayerTree, TreeBuilder } from "../layers/merge.js";
 import type { ArtifactRecord, ImageRecord } from "../store/catalog.js";
 import type { Store } from "../store/store.js";
 import { readTar } from "../tar/reader.js";
@@ -42,6 +43,9 @@ function canonicalOptions(opts: ExportOptions): string {
       return JSON.stringify({ format: opts.format, compress: opts.compress ?? "none" });
     case "ext4":
       return JSON.stringify({ format: opts.format, size: opts.size ?? null, free: opts.free ?? 0 });
+    case "erofs":
+    case "erofs-layers":
+      return JSON.stringify({ format: opts.format });
   }
 }
 
@@ -115,16 +119,17 @@ export async function exportArtifact(
   if (existing) {
     const file = join(store.root, existing.path);
     const st = await stat(file).catch(() => undefined);
-    if (st?.size === existing.size) return { artifact: existing, file, cached: true };
+    const size = st?.isDirectory() ? await dirSize(file) : st?.size;
+    if (size === existing.size) return { artifact: existing, file, cached: true };
     // The record outlived its file (removed by hand): build it again.
     store.catalog.removeArtifact(key);
   }
 
-  const root = await mergedTree(store, image);
   const final = join(store.artifactsDir, `${key}.${opts.format}`);
   const tmp = join(store.tmpDir, `export-${key}-${process.pid}-${randomBytes(4).toString("hex")}`);
   try {
-    await writeFormat(root, layerContent(store, image), tmp, image, opts);
+    if (opts.format === "erofs-layers") await writeLayerImages(store, image, tmp);
+    else await writeFormat(await mergedTree(store, image), layerContent(store, image), tmp, image, opts);
     await mkdir(store.artifactsDir, { recursive: true });
     await rename(tmp, final);
     await fsyncDir(store.artifactsDir);
@@ -132,7 +137,7 @@ export async function exportArtifact(
     await rm(tmp, { force: true, recursive: true });
     throw err;
   }
-  const size = (await stat(final)).size;
+  const size = opts.format === "erofs-layers" ? await dirSize(final) : (await stat(final)).size;
   const artifact = store.catalog.putArtifact({
     key,
     manifestDigest: image.manifestDigest,
@@ -155,6 +160,11 @@ async function writeFormat(
     case "cpio":
       await writeCpio(root, content, out, { compress: opts.compress ?? "none" });
       return;
+    case "erofs":
+      await writeErofs(root, content, out, { uuid: derivedId(image.manifestDigest, "erofs-uuid") });
+      return;
+    case "erofs-layers":
+      throw new KilnError("INTERNAL", "erofs-layers is written by writeLayerImages");
     case "ext4":
       await writeExt4(root, content, out, {
         uuid: derivedId(image.manifestDigest, "ext4-uuid"),
@@ -164,6 +174,51 @@ async function writeFormat(
       });
       return;
   }
+}
+
+/** The manifest of an erofs-layers export: the images in overlay order, bottom first. */
+export interface LayerImagesList {
+  manifestDigest: string;
+  layers: { file: string; digest: string; diffId: string | null }[];
+}
+
+/**
+ * erofs-layers: one EROFS image per layer (whiteouts as overlayfs char 0:0 devices, opaque
+ * directories with trusted.overlay.opaque=y) and `layers.json` listing them bottom first, so a guest
+ * stacks them with `lowerdir=top:…:bottom`.
+ */
+async function writeLayerImages(store: Store, image: ImageRecord, dir: string): Promise<void> {
+  await mkdir(dir);
+  const list: LayerImagesList = { manifestDigest: image.manifestDigest, layers: [] };
+  for (let i = 0; i < image.layers.length; i++) {
+    const layer = image.layers[i]!;
+    const root = await buildLayerTree(
+      i,
+      readTar(openLayer(store, image, i), { label: layerLabel(image, i) }),
+      {
+        fixedTime: IMPLICIT_DIR_TIME,
+      },
+    );
+    const file = `layer-${String(i).padStart(3, "0")}.erofs`;
+    await writeErofs(root, layerContent(store, image), join(dir, file), {
+      uuid: derivedId(`${image.manifestDigest}/${layer.digest}`, "erofs-layer-uuid"),
+    });
+    list.layers.push({ file, digest: layer.digest, diffId: layer.diffId });
+  }
+  const fh = await open(join(dir, "layers.json"), "wx");
+  try {
+    await fh.writeFile(`${JSON.stringify(list, null, 2)}\n`);
+    await fh.sync();
+  } finally {
+    await fh.close();
+  }
+  await fsyncDir(dir);
+}
+
+async function dirSize(dir: string): Promise<number> {
+  let total = 0;
+  for (const name of await readdir(dir)) total += (await stat(join(dir, name))).size;
+  return total;
 }
 
 async function fsyncDir(dir: string): Promise<void> {
@@ -184,6 +239,24 @@ const CHUNK = 1 << 20;
  * Copies an artifact to `out` through a temp file beside it, leaving holes where the source has
  * all-zero blocks (disk images are mostly empty), then renames it into place.
  */
+/** Copies an artifact (a file, or the directory of an erofs-layers export) to `out`, replacing it. */
+export async function copyArtifact(src: string, out: string): Promise<number> {
+  if (!(await stat(src)).isDirectory()) return copySparse(src, out);
+  const tmp = join(dirname(out), `.${randomBytes(6).toString("hex")}.kiln-tmp`);
+  await mkdir(tmp);
+  try {
+    let total = 0;
+    for (const name of (await readdir(src)).sort())
+      total += await copySparse(join(src, name), join(tmp, name));
+    await rm(out, { recursive: true, force: true });
+    await rename(tmp, out);
+    return total;
+  } catch (err) {
+    await rm(tmp, { recursive: true, force: true });
+    throw err;
+  }
+}
+
 export async function copySparse(src: string, out: string): Promise<number> {
   const tmp = join(dirname(out), `.${randomBytes(6).toString("hex")}.kiln-tmp`);
   const input = await open(src, "r");

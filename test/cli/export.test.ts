@@ -4,7 +4,7 @@
  * entry by entry with `umoci unpack` of the same image.
  */
 import assert from "node:assert/strict";
-import { readdir, stat } from "node:fs/promises";
+import { readdir, readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
@@ -85,6 +85,59 @@ describe("kiln export", () => {
       assert.ok(Object.keys(actual.get("etc/tagged")!.xattrs).includes("user.kiln"));
     } finally {
       await run("umount", [mnt]);
+    }
+  });
+
+  it("erofs: passes fsck.erofs, and mounted read-only equals umoci unpack entry by entry", async () => {
+    const out = join(work, "image.erofs");
+    const r = await box.kiln(["export", ref, "--format", "erofs", "-o", out]);
+    assert.equal(r.code, 0, r.stderr);
+    await run("fsck.erofs", [out]);
+    const mnt = join(work, "mnt-erofs");
+    await run("mkdir", [mnt]);
+    await run("mount", ["-t", "erofs", "-o", "loop,ro", out, mnt]);
+    try {
+      const drop = (m: Map<string, EntryFacts>) => new Map([...m].filter(([p]) => p !== ""));
+      assert.deepEqual(diffTrees(drop(reference), drop(await snapshotTree(mnt)), ["umoci", "kiln"]), []);
+    } finally {
+      await run("umount", [mnt]);
+    }
+  });
+
+  it("erofs-layers: one image per layer; stacked with overlayfs they equal umoci unpack", async () => {
+    const out = join(work, "layers");
+    const r = await box.kiln(["export", ref, "--format", "erofs-layers", "-o", out]);
+    assert.equal(r.code, 0, r.stderr);
+    const list = JSON.parse(await readFile(join(out, "layers.json"), "utf8")) as {
+      layers: { file: string }[];
+    };
+    assert.equal(list.layers.length, 3);
+    const mounts: string[] = [];
+    const merged = join(work, "merged");
+    await run("mkdir", [merged]);
+    try {
+      for (const [i, l] of list.layers.entries()) {
+        await run("fsck.erofs", [join(out, l.file)]);
+        const m = join(work, `lower-${i}`);
+        await run("mkdir", [m]);
+        await run("mount", ["-t", "erofs", "-o", "loop,ro", join(out, l.file), m]);
+        mounts.push(m);
+      }
+      // overlayfs lists lower dirs top first.
+      await run("mount", [
+        "-t",
+        "overlay",
+        "overlay",
+        "-o",
+        `lowerdir=${[...mounts].reverse().join(":")}`,
+        merged,
+      ]);
+      mounts.push(merged);
+      const drop = (m: Map<string, EntryFacts>) => new Map([...m].filter(([p]) => p !== ""));
+      const stacked = await snapshotTree(merged, { ignoreXattrs: ["trusted.overlay.opaque"] });
+      assert.deepEqual(diffTrees(drop(reference), drop(stacked), ["umoci", "kiln"]), []);
+    } finally {
+      for (const m of mounts.reverse()) await run("umount", [m]).catch(() => {});
     }
   });
 
