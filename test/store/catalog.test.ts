@@ -61,12 +61,12 @@ describe("Catalog", () => {
     const db = new Database(file, { readonly: true });
     try {
       assert.equal(db.pragma("journal_mode", { simple: true }), "wal");
-      assert.equal(db.pragma("user_version", { simple: true }), 1);
+      assert.equal(db.pragma("user_version", { simple: true }), 2);
       const tables = db
         .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
         .pluck()
         .all();
-      assert.deepEqual(tables, ["image_layers", "images", "layers"]);
+      assert.deepEqual(tables, ["artifacts", "image_layers", "images", "layers"]);
     } finally {
       db.close();
     }
@@ -300,5 +300,31 @@ describe("Catalog", () => {
       );
       catalog.remove(other.id);
     });
+  });
+});
+
+describe("Catalog artifacts", () => {
+  it("records, finds by key and by manifest, and removes exported artifacts", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "kiln-artifacts-"));
+    const catalog = Catalog.open(join(dir, "catalog.db"));
+    try {
+      const a = catalog.putArtifact({
+        key: "k1",
+        manifestDigest: "sha256:m",
+        format: "ext4",
+        options: '{"format":"ext4"}',
+        path: "artifacts/k1.ext4",
+        size: 42,
+        createdAt: "2026-01-01T00:00:00.000Z",
+      });
+      assert.deepEqual(catalog.getArtifact("k1"), a);
+      assert.deepEqual(catalog.artifactsOf("sha256:m"), [a]);
+      catalog.removeArtifact("k1");
+      assert.equal(catalog.getArtifact("k1"), undefined);
+      assert.deepEqual(catalog.artifactsOf("sha256:m"), []);
+    } finally {
+      catalog.close();
+      await rm(dir, { recursive: true, force: true });
+    }
   });
 });
