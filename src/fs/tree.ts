@@ -9,6 +9,22 @@
 
 export type FileType = "file" | "directory" | "symlink" | "char" | "block" | "fifo" | "socket";
 
+/** The S_IFMT bits of each type, as stat(2), ext4, EROFS and cpio all spell them in i_mode. */
+export const TYPE_MODE_BITS: Readonly<Record<FileType, number>> = {
+  file: 0o100000,
+  directory: 0o040000,
+  symlink: 0o120000,
+  char: 0o020000,
+  block: 0o060000,
+  fifo: 0o010000,
+  socket: 0o140000,
+};
+
+/** i_mode: type bits and permission bits (with setuid/setgid/sticky). */
+export function modeWord(type: FileType, perm: number): number {
+  return TYPE_MODE_BITS[type] | (perm & 0o7777);
+}
+
 /** One region of a sparse file: `size` bytes of data at logical `offset` (the rest reads as zeros). */
 export interface Extent {
   readonly offset: number;
@@ -77,7 +93,11 @@ export function compareNames(a: string, b: string): number {
 /** A directory's entries sorted by name bytes. */
 export function sortedEntries(dir: Inode): [string, Inode][] {
   if (!dir.entries) return [];
-  return [...dir.entries].sort((a, b) => compareNames(a[0], b[0]));
+  // Encode each name once, not on every comparison: trees have 100k+ entries.
+  return [...dir.entries]
+    .map((e) => ({ e, key: Buffer.from(e[0], "utf8") }))
+    .sort((a, b) => Buffer.compare(a.key, b.key))
+    .map((x) => x.e);
 }
 
 export interface WalkItem {

@@ -4,7 +4,7 @@
  * then the data, zeros up to a multiple of 4. The archive ends with an entry named TRAILER!!!.
  */
 import { KilnError } from "../../errors.js";
-import type { FileType } from "../tree.js";
+import { type FileType, modeWord } from "../tree.js";
 
 export const NEWC_MAGIC = "070701";
 export const HEADER_SIZE = 110;
@@ -17,19 +17,8 @@ export const MAX_FIELD = 0xffffffff;
  */
 export const KERNEL_PATH_MAX = 4096;
 
-/** S_IFMT type bits of each file type, as stat(2) and cpio's c_mode spell them. */
-const TYPE_BITS: Record<FileType, number> = {
-  file: 0o100000,
-  directory: 0o040000,
-  symlink: 0o120000,
-  char: 0o020000,
-  block: 0o060000,
-  fifo: 0o010000,
-  socket: 0o140000,
-};
-
 export function modeField(type: FileType, perm: number): number {
-  return TYPE_BITS[type] | (perm & 0o7777);
+  return modeWord(type, perm);
 }
 
 export interface NewcEntry {

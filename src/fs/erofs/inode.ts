@@ -3,7 +3,7 @@
  * bytes). Compact inodes have 16-bit ids and link count, a 32-bit size, and no time of their own:
  * they report the superblock's build time, so any other mtime needs an extended inode.
  */
-import type { FileType } from "../tree.js";
+import { type FileType, modeWord } from "../tree.js";
 
 export const COMPACT_SIZE = 32;
 export const EXTENDED_SIZE = 64;
@@ -14,16 +14,6 @@ export const SLOT_SIZE = 32;
 export const FLAT_PLAIN = 0;
 /** Full blocks at raw_blkaddr, the last partial block right after the inode and its xattrs. */
 export const FLAT_INLINE = 2;
-
-const S_IFMT: Record<FileType, number> = {
-  file: 0o100000,
-  directory: 0o040000,
-  symlink: 0o120000,
-  char: 0o020000,
-  block: 0o060000,
-  fifo: 0o010000,
-  socket: 0o140000,
-};
 
 /** erofs_dirent.file_type values (EROFS_FT_*). */
 export const DIRENT_TYPE: Record<FileType, number> = {
@@ -37,7 +27,7 @@ export const DIRENT_TYPE: Record<FileType, number> = {
 };
 
 export function modeBits(type: FileType, perm: number): number {
-  return S_IFMT[type] | (perm & 0o7777);
+  return modeWord(type, perm);
 }
 
 /** The kernel's new_encode_dev: what i_u holds for device inodes (12-bit major, 20-bit minor). */
