@@ -228,6 +228,8 @@ export interface ExportImageOptions extends LookupOptions {
   size?: number | undefined;
   /** ext4: extra free space in bytes, for writable disks. */
   free?: number | undefined;
+  /** ext4: add a jbd2 journal, for disks mounted read-write. */
+  journal?: boolean | undefined;
 }
 
 export interface ExportImageResult {
@@ -257,6 +259,7 @@ export async function exportImage(
       compress: opts.compress,
       size: opts.size,
       free: opts.free,
+      journal: opts.journal,
     });
     const bytes = await copyArtifact(result.file, out);
     return { image, out, bytes, format: opts.format, cached: result.cached };

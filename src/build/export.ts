@@ -31,6 +31,8 @@ export interface ExportOptions {
   size?: number | undefined;
   /** ext4: free space (and inodes) beyond the default headroom, for writable disks. */
   free?: number | undefined;
+  /** ext4: add a jbd2 journal, for disks mounted read-write. */
+  journal?: boolean | undefined;
 }
 
 /** Directories a tar does not list are created with this time (the epoch), so output never depends on the clock. */
@@ -42,7 +44,12 @@ function canonicalOptions(opts: ExportOptions): string {
     case "cpio":
       return JSON.stringify({ format: opts.format, compress: opts.compress ?? "none" });
     case "ext4":
-      return JSON.stringify({ format: opts.format, size: opts.size ?? null, free: opts.free ?? 0 });
+      return JSON.stringify({
+        format: opts.format,
+        size: opts.size ?? null,
+        free: opts.free ?? 0,
+        journal: opts.journal ?? false,
+      });
     case "erofs":
     case "erofs-layers":
       return JSON.stringify({ format: opts.format });
@@ -171,6 +178,7 @@ async function writeFormat(
         hashSeed: derivedId(image.manifestDigest, "ext4-hash-seed"),
         size: opts.size,
         free: opts.free,
+        journal: opts.journal,
       });
       return;
   }

@@ -101,6 +101,7 @@ export function buildProgram(): Command {
     .option("-o, --output <path>", "with --format: file to write")
     .option("--size <size>", "ext4: exact size, e.g. 2G")
     .option("--free <size>", "ext4: extra free space for a writable disk")
+    .option("--journal", "ext4: add a journal, for a disk mounted read-write")
     .option("--compress <gzip|none>", "cpio: compress the archive", "none")
     .action(async (ref: string, o, cmd: Command) => {
       const g = globals(cmd);
@@ -178,6 +179,7 @@ export function buildProgram(): Command {
     .requiredOption("-o, --output <path>", "file to write (replaced atomically)")
     .option("--size <size>", "ext4: exact size, e.g. 2G (default: content + metadata + headroom)")
     .option("--free <size>", "ext4: extra free space (and inodes) for a writable disk, e.g. 1G")
+    .option("--journal", "ext4: add a journal (sized as mke2fs would), for a disk mounted read-write")
     .option("--compress <gzip|none>", "cpio: compress the archive", "none")
     .option("--platform <os/arch[/variant]>", "which platform, when the store holds several for the ref")
     .action(async (ref: string, o, cmd: Command) => {
@@ -294,10 +296,16 @@ function sizeFlag(flag: string, v: string | undefined): number | undefined {
 }
 
 /** The export flags shared by `export` and `pull --format`, checked against the format. */
-function exportFlags(o: { format: string; size?: string; free?: string; compress?: string }) {
+function exportFlags(o: {
+  format: string;
+  size?: string;
+  free?: string;
+  journal?: boolean;
+  compress?: string;
+}) {
   const format = parseFormat(o.format);
-  if (format !== "ext4" && (o.size !== undefined || o.free !== undefined)) {
-    throw new KilnError("INVALID_ARGUMENT", "--size and --free apply to --format ext4");
+  if (format !== "ext4" && (o.size !== undefined || o.free !== undefined || o.journal)) {
+    throw new KilnError("INVALID_ARGUMENT", "--size, --free and --journal apply to --format ext4");
   }
   if (format !== "cpio" && o.compress !== undefined && o.compress !== "none") {
     throw new KilnError("INVALID_ARGUMENT", "--compress applies to --format cpio");
@@ -307,6 +315,7 @@ function exportFlags(o: { format: string; size?: string; free?: string; compress
     compress: parseCompress(o.compress),
     size: sizeFlag("--size", o.size),
     free: sizeFlag("--free", o.free),
+    journal: o.journal === true,
   };
 }
 

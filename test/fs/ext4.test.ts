@@ -553,3 +553,98 @@ describe("ext4 large files", () => {
     }
   });
 });
+
+describe("ext4 journal", () => {
+  let dir: string;
+  before(async () => {
+    dir = await makeTempDir("ext4-journal");
+  });
+  after(async () => {
+    await removeDir(dir);
+  });
+
+  const tree = (): { root: Inode; content: MemoryContent } => {
+    const content = new MemoryContent();
+    const root = newInode("directory", { mtime: T0 });
+    const f = newInode("file", { size: 1 << 20, mtime: T0, data: { layer: 0, offset: 0, stored: 1 << 20 } });
+    content.set(f, bytes(1 << 20, 5));
+    root.entries!.set("f", f);
+    return { root, content };
+  };
+  const opts = { uuid: UUID, hashSeed: SEED, buildTime: T0 };
+
+  it("a journaled image is clean, shows its journal, and two writes are byte-identical", async () => {
+    const { root, content } = tree();
+    const a = join(dir, "j1.ext4");
+    const r = await writeExt4(root, content, a, { ...opts, journal: true });
+    assertClean(a);
+    const h = await run("dumpe2fs", ["-h", a]);
+    assert.match(h, /features:.*\bhas_journal\b/);
+    assert.match(h, /Journal inode:\s+8\b/);
+    assert.match(h, /Journal size:\s+4096k/i); // mke2fs's default below 128 MiB: 1024 blocks
+    assert.match(h, /Journal start:\s+0\b/);
+    assert.match(h, /Journal features:.*journal_checksum_v3/);
+    assert.match(await debugfs(a, "logdump"), /Journal starts at block 0, transaction 1/); // clean: nothing to replay
+    assert.match(await debugfs(a, "stat <8>"), /Type: regular\s+Mode:\s+0600[\s\S]*Size: 4194304\b/);
+    // The journal's blocks count: a journaled image is 4 MiB bigger than a plain one.
+    const plain = await writeExt4(root, content, join(dir, "plain.ext4"), opts);
+    assert.equal(r.blocks - plain.blocks, 1024);
+    // Its zero blocks are holes.
+    assert.ok((await stat(a)).blocks * 512 < 2 << 20);
+    const b = join(dir, "j2.ext4");
+    await writeExt4(root, content, b, { ...opts, journal: true });
+    assert.ok((await readFile(a)).equals(await readFile(b)));
+  });
+
+  it("sizes the journal for the filesystem, or as asked; it counts in an exact size", async () => {
+    const { root, content } = tree();
+    const big = join(dir, "big.ext4");
+    await writeExt4(root, content, big, { ...opts, size: 2 * GiB, journal: true });
+    assertClean(big);
+    assert.match(await run("dumpe2fs", ["-h", big]), /Total journal blocks:\s+16384\b/); // 2 GiB: 64 MiB
+    // 600 MiB: 5 extents, so an extent leaf block.
+    const asked = join(dir, "asked.ext4");
+    await writeExt4(root, content, asked, { ...opts, journal: { size: 600 << 20 } });
+    assertClean(asked);
+    assert.match(await run("dumpe2fs", ["-h", asked]), /Total journal blocks:\s+153600\b/);
+    assert.match(await debugfs(asked, "ex <8>"), /Level Entries.*\n\s*0\/ 1\s+1\/\s*1/);
+    let needed = 0;
+    await assert.rejects(
+      writeExt4(root, content, join(dir, "small.ext4"), { ...opts, size: 4 << 20, journal: true }),
+      (err: unknown) => {
+        assert.ok(isKilnError(err, "TOO_LARGE"));
+        needed = (err.details as { needed: number }).needed;
+        return true;
+      },
+    );
+    assert.ok(needed > 5 << 20, `needed ${needed}`); // 1 MiB of data and 4 MiB of journal
+    const exact = join(dir, "exact.ext4");
+    await writeExt4(root, content, exact, { ...opts, size: needed, journal: true });
+    assertClean(exact);
+    await assert.rejects(
+      writeExt4(root, content, join(dir, "tiny.ext4"), { ...opts, journal: { size: 1 << 20 } }),
+      (err: unknown) => isKilnError(err, "INVALID_ARGUMENT"),
+    );
+  });
+
+  it("mounts read-write, takes writes through the journal, and e2fsck is clean after", async (t) => {
+    const { root, content } = tree();
+    const out = join(dir, "rw.ext4");
+    await writeExt4(root, content, out, { ...opts, free: 16 << 20, journal: true });
+    if (!canMount) return t.skip("not root: cannot loop-mount");
+    const mnt = join(dir, "mnt");
+    await mkdir(mnt, { recursive: true });
+    await run("mount", ["-t", "ext4", "-o", "loop", out, mnt]);
+    try {
+      await writeFile(join(mnt, "new"), "journaled\n");
+      await mkdir(join(mnt, "d/e"), { recursive: true });
+      await writeFile(join(mnt, "d/e/big"), bytes(5 << 20, 11));
+      await run("rm", [join(mnt, "f")]);
+    } finally {
+      await run("umount", [mnt]);
+    }
+    assertClean(out);
+    assert.equal(await debugfs(out, "cat /new"), "journaled\n");
+    assert.match(await debugfs(out, "logdump"), /Journal starts at block \d+, transaction \d+/);
+  });
+});

@@ -80,12 +80,27 @@ export interface SizeRequest {
   size?: number | undefined;
   free?: number | undefined;
   freeInodes?: number | undefined;
+  /** Blocks the journal takes (with its tree) in a filesystem of the given size; none if absent. */
+  journal?: ((fsBlocks: number) => number) | undefined;
+}
+
+/** The smallest geometry for `content` blocks plus a journal sized for that geometry. */
+function fitWithJournal(req: SizeRequest, inodes: number, extra: number): Geometry {
+  let journal = req.journal?.(0) ?? 0;
+  for (;;) {
+    const g = fit(req.contentBlocks + journal, inodes, extra);
+    // A bigger filesystem may want a bigger journal: grow until the sizes agree (sizes only grow).
+    const want = req.journal?.(g.blocks) ?? 0;
+    if (want <= journal) return g;
+    journal = want;
+  }
 }
 
 /**
  * Default: content + metadata + headroom (10 %, at least 4 MiB, plus `free`), inodes used + 10 %
  * (plus `freeInodes` and one per 16 KiB of `free`). Exact `size`: as many inodes as mkfs would
  * give that size when they fit, else fewer; too small → TOO_LARGE with the size needed.
+ * The journal, if any, counts as content, sized for the filesystem it ends up in.
  */
 export function planGeometry(req: SizeRequest): Geometry {
   const free = req.free ?? 0;
@@ -96,18 +111,19 @@ export function planGeometry(req: SizeRequest): Geometry {
     Math.floor(free / BYTES_PER_INODE);
   if (req.size === undefined) {
     const headroom = Math.max(Math.ceil(req.contentBlocks / 10), (4 << 20) / BLOCK_SIZE);
-    return fit(req.contentBlocks, wanted, headroom + Math.ceil(free / BLOCK_SIZE));
+    return fitWithJournal(req, wanted, headroom + Math.ceil(free / BLOCK_SIZE));
   }
   const blocks = Math.floor(req.size / BLOCK_SIZE);
+  const content = req.contentBlocks + (req.journal?.(blocks) ?? 0);
   const groups = Math.ceil(blocks / BLOCKS_PER_GROUP);
   const candidates = [Math.max(wanted, Math.floor(req.size / BYTES_PER_INODE)), wanted, req.usedInodes];
   for (const inodes of candidates) {
     if (groups === 0 || Math.ceil(inodes / groups) > MAX_INODES_PER_GROUP) continue;
     const g = geometry(blocks, groups, inodesPerGroup(inodes, groups));
     // The last group must at least exist beyond the metadata packed into the first ones.
-    if (g.metaEnd + req.contentBlocks <= blocks) return g;
+    if (g.metaEnd + content <= blocks) return g;
   }
-  const needed = fit(req.contentBlocks, req.usedInodes, 0).blocks * BLOCK_SIZE;
+  const needed = fitWithJournal(req, req.usedInodes, 0).blocks * BLOCK_SIZE;
   throw new KilnError(
     "TOO_LARGE",
     `ext4 size ${req.size} bytes is too small for this tree: it needs at least ${needed} bytes`,

@@ -10,6 +10,7 @@ export const FIRST_INODE = 11;
 export const EXTRA_ISIZE = 32;
 
 // Feature bits (super.rst).
+const COMPAT_HAS_JOURNAL = 0x4;
 const COMPAT_EXT_ATTR = 0x8;
 const COMPAT_DIR_INDEX = 0x20;
 const COMPAT_SPARSE_SUPER2 = 0x200;
@@ -36,7 +37,12 @@ export interface SuperblockFields {
   hashSeed: Buffer;
   label: string;
   time: number;
+  /** The journal inode's i_block and size, backed up in s_jnl_blocks; no journal if absent. */
+  journal?: { inum: number; iblock: Buffer; size: number } | undefined;
 }
+
+/** s_jnl_backup_type: s_jnl_blocks holds i_block[], then i_size_high and i_size. */
+const JNL_BACKUP_BLOCKS = 1;
 
 function put64(buf: Buffer, lo: number, hi: number, value: number): void {
   buf.writeUInt32LE(value % 2 ** 32, lo);
@@ -69,7 +75,8 @@ export function encodeSuperblock(f: SuperblockFields): Buffer {
   b.writeUInt32LE(1, 0x4c); // dynamic revision
   b.writeUInt32LE(FIRST_INODE, 0x54);
   b.writeUInt16LE(INODE_SIZE, 0x58);
-  b.writeUInt32LE(COMPAT_EXT_ATTR | COMPAT_DIR_INDEX | COMPAT_SPARSE_SUPER2, 0x5c);
+  const compat = COMPAT_EXT_ATTR | COMPAT_DIR_INDEX | COMPAT_SPARSE_SUPER2;
+  b.writeUInt32LE(f.journal ? compat | COMPAT_HAS_JOURNAL : compat, 0x5c);
   b.writeUInt32LE(INCOMPAT_FILETYPE | INCOMPAT_EXTENTS | INCOMPAT_64BIT | INCOMPAT_FLEX_BG, 0x60);
   b.writeUInt32LE(
     RO_COMPAT_SPARSE_SUPER |
@@ -83,6 +90,13 @@ export function encodeSuperblock(f: SuperblockFields): Buffer {
   f.uuid.copy(b, 0x68, 0, 16);
   Buffer.from(f.label, "utf8").copy(b, 0x78, 0, 16);
   f.hashSeed.copy(b, 0xec, 0, 16);
+  if (f.journal) {
+    b.writeUInt32LE(f.journal.inum, 0xe0); // s_journal_inum (s_journal_uuid, s_journal_dev: 0)
+    b.writeUInt8(JNL_BACKUP_BLOCKS, 0xfd);
+    f.journal.iblock.copy(b, 0x10c, 0, 60);
+    b.writeUInt32LE(Math.floor(f.journal.size / 2 ** 32), 0x10c + 60);
+    b.writeUInt32LE(f.journal.size % 2 ** 32, 0x10c + 64);
+  }
   b.writeUInt8(HASH_HALF_MD4, 0xfc);
   b.writeUInt16LE(DESC_SIZE, 0xfe);
   b.writeUInt32LE(0x000c, 0x100); // default mount options: user_xattr, acl (as mkfs)

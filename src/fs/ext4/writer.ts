@@ -46,6 +46,13 @@ import {
   S_IFSOCK,
   sealInode,
 } from "./inode.js";
+import {
+  defaultJournalBlocks,
+  encodeJournalSuperblock,
+  JOURNAL_INO,
+  journalBlocksForSize,
+  journalTreeBlocks,
+} from "./journal.js";
 import { BLOCK_SIZE, type Geometry, INODE_SIZE, planGeometry } from "./layout.js";
 import { checksumSeed, encodeSuperblock, FIRST_INODE } from "./superblock.js";
 import {
@@ -73,6 +80,11 @@ export interface Ext4Options {
   label?: string | undefined;
   /** Seconds since the epoch for the superblock times; 0 by default (no clock). */
   buildTime?: number | undefined;
+  /**
+   * A jbd2 journal (inode 8), for disks mounted read-write; off by default. `size` in bytes;
+   * by default mke2fs's size for the filesystem size. Its blocks count in the sizing.
+   */
+  journal?: boolean | { size?: number | undefined } | undefined;
 }
 
 export interface Ext4Result {
@@ -179,7 +191,16 @@ function dirEntries(dir: Inode, nodes: Map<Inode, Node>): DirEntry[] {
   }));
 }
 
+/** The journal's contiguous run of blocks and its extent tree blocks (over 4 extents). */
+interface JournalPlan {
+  start: number;
+  blocks: number;
+  treeStart: number;
+  tree: number;
+}
+
 interface Plan {
+  journal: JournalPlan | undefined;
   nodes: Node[];
   byInode: Map<Inode, Node>;
   geometry: Geometry;
@@ -283,16 +304,32 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
   const files = dataOrder(withLostFound);
   const contentBlocks = nodes.reduce((s, n) => s + n.blocks + n.tree, 0) + xattrCount;
   const usedInodes = nodes[nodes.length - 1]!.ino;
+  const fixedJournal =
+    typeof opts.journal === "object" && opts.journal.size !== undefined
+      ? journalBlocksForSize(opts.journal.size)
+      : undefined;
+  const journalSize = (fsBlocks: number) => fixedJournal ?? defaultJournalBlocks(fsBlocks);
   const geometry = planGeometry({
     contentBlocks,
     usedInodes,
     size: opts.size,
     free: opts.free,
     freeInodes: opts.freeInodes,
+    journal: opts.journal
+      ? (fsBlocks) => journalSize(fsBlocks) + journalTreeBlocks(journalSize(fsBlocks))
+      : undefined,
   });
 
-  // Positions: directory, symlink, tree and attribute blocks first (inode order), then file data.
+  // Positions: the journal, then directory, symlink, tree and attribute blocks (inode order),
+  // then file data.
   let cursor = geometry.metaEnd;
+  let journal: JournalPlan | undefined;
+  if (opts.journal) {
+    const blocks = journalSize(geometry.blocks);
+    const tree = journalTreeBlocks(blocks);
+    journal = { start: cursor, blocks, treeStart: cursor + blocks, tree };
+    cursor += blocks + tree;
+  }
   for (const node of nodes) {
     if (node.inode.type !== "file") {
       node.start = cursor;
@@ -324,6 +361,7 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
     cursor += node.blocks;
   }
   return {
+    journal,
     nodes,
     byInode,
     geometry,
@@ -477,8 +515,40 @@ function inodeBytes(p: Plan, node: Node): Buffer {
   return buf;
 }
 
+function journalTree(p: Plan, j: JournalPlan): ReturnType<typeof buildTree> {
+  const runs = toExtents([{ logical: 0, physical: j.start, length: j.blocks }]);
+  return buildTree(runs, j.treeStart, inodeSeed(p.fsSeed, JOURNAL_INO));
+}
+
+/** Inode 8 as mke2fs makes it: a regular file, mode 0600, owned by root, extent-mapped. */
+function journalInodeBytes(p: Plan, j: JournalPlan, time: number): Buffer {
+  const buf = Buffer.alloc(INODE_SIZE);
+  encodeInode(buf, {
+    mode: S_IFREG | 0o600,
+    uid: 0,
+    gid: 0,
+    size: j.blocks * BLOCK_SIZE,
+    links: 1,
+    time,
+    timeNsec: 0,
+    sectors: (j.blocks + j.tree) * (BLOCK_SIZE / 512),
+    flags: FL_EXTENTS,
+    block: journalTree(p, j).root,
+    xattrBlock: 0,
+  });
+  sealInode(buf, inodeSeed(p.fsSeed, JOURNAL_INO));
+  return buf;
+}
+
 async function writeMetadata(p: Plan, opts: Ext4Options, sink: BlockSink): Promise<void> {
   const g = p.geometry;
+  const j = p.journal;
+  if (j) {
+    // The rest of the journal is zero: holes of the output file.
+    sink.put(j.start, encodeJournalSuperblock(j.blocks, opts.uuid));
+    const tree = journalTree(p, j);
+    for (let i = 0; i < tree.blocks.length; i++) sink.put(j.treeStart + i, tree.blocks[i]!);
+  }
   // Per-inode blocks, in the order they were placed.
   for (const node of p.nodes) {
     const inode = node.inode;
@@ -517,8 +587,12 @@ async function writeMetadata(p: Plan, opts: Ext4Options, sink: BlockSink): Promi
     if (count === 0) break;
     const table = Buffer.alloc(Math.ceil(count / 16) * BLOCK_SIZE);
     for (let i = 0; i < count; i++) {
+      if (j && first + i === JOURNAL_INO) {
+        journalInodeBytes(p, j, opts.buildTime ?? 0).copy(table, i * INODE_SIZE);
+        continue;
+      }
       const node = byIno.get(first + i);
-      if (!node) continue; // reserved inodes stay zero
+      if (!node) continue; // other reserved inodes stay zero
       inodeBytes(p, node).copy(table, i * INODE_SIZE);
       if (node.inode.type === "directory") dirsPerGroup[grp]!++;
     }
@@ -538,6 +612,9 @@ async function writeMetadata(p: Plan, opts: Ext4Options, sink: BlockSink): Promi
     hashSeed: opts.hashSeed,
     label: opts.label ?? "",
     time: opts.buildTime ?? 0,
+    journal: j
+      ? { inum: JOURNAL_INO, iblock: journalTree(p, j).root, size: j.blocks * BLOCK_SIZE }
+      : undefined,
   }).copy(block0, 1024);
   sink.put(0, block0);
   await sink.drain();
