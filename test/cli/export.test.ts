@@ -153,6 +153,17 @@ describe("kiln export", () => {
     assert.match(small, /\d/);
   });
 
+  it("ext4 --journal: the disk has a clean jbd2 journal; other formats refuse the flag", async () => {
+    const out = join(work, "journaled.ext4");
+    await box.json(["export", ref, "--format", "ext4", "--journal", "-o", out]);
+    await run("e2fsck", ["-fn", out]);
+    assert.match(await run("dumpe2fs", ["-h", out]), /has_journal/);
+    assertFails(
+      await box.kiln(["export", ref, "--format", "erofs", "--journal", "-o", join(work, "j.erofs")]),
+      "INVALID_ARGUMENT",
+    );
+  });
+
   it("disk create: an empty sparse ext4 that e2fsck accepts", async () => {
     const out = join(work, "vol.ext4");
     await box.json(["disk", "create", "--size", "1G", out]);
