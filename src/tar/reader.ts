@@ -147,6 +147,17 @@ export class ByteReader {
     }
   }
 
+  /** Skips up to `n` bytes; false when the input ended first (not an error). */
+  async skipToEnd(n: number): Promise<boolean> {
+    this.generation++;
+    let left = n;
+    while (left > 0) {
+      if (!(await this.fill())) return false;
+      left -= this.consume(Math.min(left, this.chunk.length)).length;
+    }
+    return true;
+  }
+
   /** Reads the input to its end (a digest-checking source reports a mismatch only there). */
   async drain(): Promise<void> {
     this.generation++;
@@ -372,6 +383,9 @@ async function* entries(src: ByteReader, relabel: (err: unknown) => unknown): As
       },
     };
     await src.skip(end - src.position, cut);
-    await src.skip(paddedSize(dataSize) - dataSize, cut);
+    // umoci insert 0.4.7 ends a layer right after the last entry's data: no padding, no end
+    // blocks. The entry is complete, so such a stream ends here (GNU tar refuses it; registries
+    // hold such layers).
+    if (!(await src.skipToEnd(paddedSize(dataSize) - dataSize))) return;
   }
 }

@@ -230,7 +230,7 @@ describe("readTar on GNU tar output", () => {
     assert.equal(garbage.length, seen.length);
   });
 
-  test("truncated archives are INVALID_ARCHIVE: inside a header, data, padding or extended header", async () => {
+  test("truncated archives are INVALID_ARCHIVE: inside a header, data or extended header", async () => {
     const archive = tars.get("gnu-sparse")!;
     const seen = await readAll(chunks(archive));
     const big = seen.find((s) => s.entry.stored > 3 * 1024 * 1024)!.entry;
@@ -239,7 +239,6 @@ describe("readTar on GNU tar output", () => {
       100, // inside the first header
       big.offset - 200, // inside big's header
       big.offset + 1000, // inside big's data
-      big.offset + big.stored + 3, // inside its padding
       sparse.offset - 600, // inside the sparse extension blocks
       sparse.offset + 10, // inside the sparse regions
     ]) {
@@ -249,6 +248,11 @@ describe("readTar on GNU tar output", () => {
         /^layer 3: truncated archive/,
       );
     }
+    // Ending inside the padding after complete data is how umoci insert 0.4.7 ends its layers: the
+    // stream ends there, with every entry up to it whole.
+    const upToBig = await readAll(chunks(archive.subarray(0, big.offset + big.stored + 3)));
+    assert.equal(upToBig.at(-1)!.entry.offset, big.offset);
+    assert.equal(upToBig.at(-1)!.sha256, seen.find((s) => s.entry.offset === big.offset)!.sha256);
     const pax = tars.get("pax")!;
     const firstPax = (await readAll(chunks(pax)))[0]!.entry;
     // Cut after a complete PAX header and its data, before the entry it describes.
@@ -456,5 +460,27 @@ describe("sparse maps", () => {
     await consume(Buffer.from("abcd"));
     await rejects(consume(Buffer.from("abc")), "INVALID_ARCHIVE", /shorter/);
     await rejects(consume(Buffer.from("abcde")), "INVALID_ARCHIVE", /longer/);
+  });
+});
+
+describe("readTar on layers written by umoci insert 0.4.7", () => {
+  test("a stream that ends right after the last entry's data (no padding, no end blocks) is whole", async () => {
+    const layer = Buffer.concat([
+      entry({ name: "a" }, Buffer.from("first\n")),
+      header({ name: "x", size: 3 }),
+      Buffer.from("abc"),
+    ]);
+    const seen = await readAll(
+      (async function* () {
+        yield layer;
+      })(),
+    );
+    assert.deepEqual(
+      seen.map((s) => [s.entry.header.path, s.sha256]),
+      [
+        ["a", sha256(Buffer.from("first\n"))],
+        ["x", sha256(Buffer.from("abc"))],
+      ],
+    );
   });
 });
