@@ -15,7 +15,7 @@ import { writeExt4 } from "../fs/ext4/writer.js";
 import type { ContentSource, Inode } from "../fs/tree.js";
 import { LayerContent } from "../layers/content.js";
 import { openLayerStream } from "../layers/decompress.js";
-import { buildLayerTree, TreeBuilder } from "../layers/merge.js";
+import { openLayerTree, TreeBuilder } from "../layers/merge.js";
 import type { ArtifactRecord, ImageRecord } from "../store/catalog.js";
 import type { Store } from "../store/store.js";
 import { readTar } from "../tar/reader.js";
@@ -198,15 +198,20 @@ export interface LayerImagesList {
 async function writeLayerImages(store: Store, image: ImageRecord, dir: string): Promise<void> {
   await mkdir(dir);
   const list: LayerImagesList = { manifestDigest: image.manifestDigest, layers: [] };
+  // The flattened tree of the layers below, built alongside: parents a layer leaves out take their
+  // metadata from it (see LayerTreeOptions.parentsFrom).
+  const merged = new TreeBuilder({ fixedTime: IMPLICIT_DIR_TIME });
   for (let i = 0; i < image.layers.length; i++) {
     const layer = image.layers[i]!;
-    const root = await buildLayerTree(
-      i,
-      readTar(openLayer(store, image, i), { label: layerLabel(image, i) }),
-      {
-        fixedTime: IMPLICIT_DIR_TIME,
-      },
-    );
+    const below = merged.openLayer(i);
+    const own = openLayerTree(i, { fixedTime: IMPLICIT_DIR_TIME, parentsFrom: merged.current });
+    for await (const entry of readTar(openLayer(store, image, i), { label: layerLabel(image, i) })) {
+      own.add(entry);
+      below.add(entry);
+    }
+    // The layer's own tree is finished against the lower layers before they take this one in.
+    const root = own.close();
+    below.close();
     const file = `layer-${String(i).padStart(3, "0")}.erofs`;
     await writeErofs(root, layerContent(store, image), join(dir, file), {
       uuid: derivedId(`${image.manifestDigest}/${layer.digest}`, "erofs-layer-uuid"),

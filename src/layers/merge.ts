@@ -45,6 +45,15 @@ export interface MergeOptions {
   readonly fixedTime: number;
 }
 
+export interface LayerTreeOptions extends MergeOptions {
+  /**
+   * The merged layers below this one. A directory this layer needs but does not list then takes the
+   * lower directory's mode, owner, time and xattrs: overlayfs shows a directory's attributes from
+   * the topmost layer that has it, so a made-up 0755 root:root parent would hide the real one.
+   */
+  readonly parentsFrom?: Inode | undefined;
+}
+
 /** Pushes the entries of one layer, in tar order; `close` ends the layer. */
 export interface LayerSink {
   add(entry: LayerEntry): void;
@@ -120,6 +129,11 @@ export class TreeBuilder {
     sink.close();
   }
 
+  /** The tree merged so far (the layers whose sinks were closed); the builder keeps changing it. */
+  get current(): Inode {
+    return this.#root;
+  }
+
   /** The merged root. The builder is done after this. */
   finish(): Inode {
     if (this.#open) throw new KilnError("INTERNAL", "TreeBuilder: finish with a layer still open");
@@ -138,7 +152,7 @@ export class TreeBuilder {
 export async function buildLayerTree(
   layerIndex: number,
   entries: Entries,
-  opts: MergeOptions,
+  opts: LayerTreeOptions,
 ): Promise<Inode> {
   const sink = openLayerTree(layerIndex, opts);
   await feed(entries, sink);
@@ -148,10 +162,10 @@ export async function buildLayerTree(
 /** Push form of buildLayerTree: `close` returns the layer's root. */
 export function openLayerTree(
   layerIndex: number,
-  opts: MergeOptions,
+  opts: LayerTreeOptions,
 ): { add(entry: LayerEntry): void; close(): Inode } {
   const state = new LayerState(layerIndex, opts.fixedTime, undefined);
-  return { add: (entry) => state.add(entry), close: () => state.finishOverlay() };
+  return { add: (entry) => state.add(entry), close: () => state.finishOverlay(opts.parentsFrom) };
 }
 
 async function feed(entries: Entries, sink: { add(entry: LayerEntry): void }): Promise<void> {
@@ -410,7 +424,8 @@ class LayerState {
   }
 
   /** Per-layer mode, at the layer's end: whiteouts and opaque markers in overlayfs form. */
-  finishOverlay(): Inode {
+  finishOverlay(parentsFrom?: Inode): Inode {
+    if (parentsFrom) this.#inheritParents(this.root, parentsFrom);
     for (const comps of this.#whiteouts.values()) {
       const parent = this.#dirAt(comps.slice(0, -1));
       if (parent === undefined) continue; // replaced later in the layer by a non-directory
@@ -427,6 +442,20 @@ class LayerState {
       this.#dirAt(comps)?.xattrs.set(OVERLAY_OPAQUE_XATTR, Buffer.from("y"));
     }
     return this.root;
+  }
+
+  /** Gives each directory this layer made up the metadata of the lower directory at its path. */
+  #inheritParents(dir: Inode, lower: Inode | undefined): void {
+    for (const [name, child] of dir.entries!) {
+      if (child.type !== "directory") continue;
+      const below = lower?.entries?.get(name);
+      const lowerDir = below?.type === "directory" ? below : undefined;
+      if (lowerDir && this.#implicit.has(child)) {
+        copyDirMeta(lowerDir, child);
+        child.xattrs = new Map([...lowerDir.xattrs].filter(([k]) => !k.startsWith(OVERLAY_XATTR_PREFIX)));
+      }
+      this.#inheritParents(child, lowerDir);
+    }
   }
 
   #dirAt(comps: readonly string[]): Inode | undefined {

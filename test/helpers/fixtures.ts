@@ -158,10 +158,8 @@ export async function richSpec(): Promise<ImageSpec> {
         { path: "dev/null", type: "chardev", major: 1, minor: 3, mode: 0o666 },
         { path: "dev/big", type: "chardev", major: 300, minor: 70000, mode: 0o600 },
         { path: "dev/initctl", type: "fifo", mode: 0o600 },
-        // Listed, though layer 1 has them: erofs-layers gives the parents a layer leaves out
-        // 0755 root:root at time 0, and overlayfs shows the top layer's (a kiln defect, reported).
-        { path: "usr/", type: "dir" },
-        { path: "usr/bin/", type: "dir" },
+        // usr/ and usr/bin/ are left out: layer 1 has them, and erofs-layers must give the
+        // parents a layer leaves out the lower layers' metadata (overlayfs shows the top one's).
         {
           path: "usr/bin/ping",
           content: "ping\n",
@@ -239,6 +237,8 @@ export async function richSpec(): Promise<ImageSpec> {
         { path: "hl/", type: "dir" },
         { path: "hl/.wh.a", content: "" },
         { path: "hl/b", content: "upper b replaces one name only\n" },
+        // A file under home/alice (0750 1000:1000 in layer 2), whose parents this layer leaves out.
+        { path: "home/alice/notes", content: "x\n", uid: 1000, gid: 1000 },
       ],
     ],
     config: { entrypoint: ["/sbin/init"], architecture: "amd64", os: "linux" },
