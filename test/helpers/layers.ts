@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import { chmod, link, lutimes, mkdir, open, symlink, truncate, writeFile } from "node:fs/promises";
+import { chmod, link, lutimes, mkdir, open, readFile, symlink, truncate, writeFile } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { makeTempDir, removeDir, run } from "./exec.js";
 
@@ -53,17 +53,21 @@ export async function writeLayerTar(
   try {
     const names = await stageEntries(stage, entries);
     const owners = entries.map((e, i) => ownerOf(entries, i, e));
+    // One tar run per owner stretch, each its own archive, then concatenated without their end
+    // blocks: `tar --append` would write later stretches in the format of the archive's last
+    // member (plain ustar when it had no PAX header), silently dropping xattrs and long names.
+    const parts: string[] = [];
     let start = 0;
-    let created = false;
     for (let i = 1; i <= entries.length; i++) {
       if (i < entries.length && owners[i] === owners[start]) continue;
       const [uid, gid] = owners[start]!.split(":");
       const list = join(stage, `.list-${start}`);
+      const part = join(stage, `.part-${start}.tar`);
       await writeFile(list, `${names.slice(start, i).join("\0")}\0`);
       await run("tar", [
-        created ? "--append" : "--create",
+        "--create",
         "-f",
-        file,
+        part,
         ...TAR_FLAGS,
         `--owner=${uid}`,
         `--group=${gid}`,
@@ -74,10 +78,12 @@ export async function writeLayerTar(
         "-T",
         list,
       ]);
-      created = true;
+      await stripEndBlocks(part);
+      parts.push(part);
       start = i;
     }
-    if (!created) await run("tar", ["--create", "-f", file, ...TAR_FLAGS, "-C", stage, "-T", "/dev/null"]);
+    const chunks = await Promise.all(parts.map((p) => readFile(p)));
+    await writeFile(file, Buffer.concat([...chunks, Buffer.alloc(1024)]));
   } finally {
     await removeDir(stage);
   }
