@@ -15,7 +15,7 @@ import { writeExt4 } from "../fs/ext4/writer.js";
 import type { ContentSource, Inode } from "../fs/tree.js";
 import { LayerContent } from "../layers/content.js";
 import { openLayerStream } from "../layers/decompress.js";
-import { openLayerTree, TreeBuilder } from "../layers/merge.js";
+import { type LayerEntry, openLayerTree, TreeBuilder } from "../layers/merge.js";
 import type { ArtifactRecord, ImageRecord } from "../store/catalog.js";
 import type { Store } from "../store/store.js";
 import { readTar } from "../tar/reader.js";
@@ -90,10 +90,30 @@ function openLayer(store: Store, image: ImageRecord, i: number): AsyncIterable<B
 /** Pass 1: every layer's tar headers merged into one tree (whiteouts applied). */
 export async function mergedTree(store: Store, image: ImageRecord): Promise<Inode> {
   const builder = new TreeBuilder({ fixedTime: IMPLICIT_DIR_TIME });
+  // The next layer is decompressed and read while this one merges: zlib and zstd run on the thread
+  // pool, so two layers use both cores. Only headers are kept, one layer ahead at most.
+  const read = (i: number) => {
+    const p = layerHeaders(store, image, i);
+    // Awaited later; until then a failure must not count as unhandled.
+    p.catch(() => {});
+    return p;
+  };
+  let next = read(0);
   for (let i = 0; i < image.layers.length; i++) {
-    await builder.addLayer(i, readTar(openLayer(store, image, i), { label: layerLabel(image, i) }));
+    const entries = await next;
+    if (i + 1 < image.layers.length) next = read(i + 1);
+    await builder.addLayer(i, entries);
   }
   return builder.finish();
+}
+
+/** One layer's entries without their data (read and verified to the end, diff ID included). */
+async function layerHeaders(store: Store, image: ImageRecord, i: number): Promise<LayerEntry[]> {
+  const entries: LayerEntry[] = [];
+  for await (const e of readTar(openLayer(store, image, i), { label: layerLabel(image, i) })) {
+    entries.push({ header: e.header, offset: e.offset, stored: e.stored, sparse: e.sparse });
+  }
+  return entries;
 }
 
 /** Pass 2's source of file bytes: each layer read once more, in order. */
