@@ -157,7 +157,7 @@ export class Catalog {
     let db: Database.Database | undefined;
     try {
       db = new Database(file, { timeout: BUSY_TIMEOUT_MS });
-      db.pragma("journal_mode = WAL");
+      enableWal(db);
       db.pragma("foreign_keys = ON");
       migrate(db, file);
       return new Catalog(file, db);
@@ -449,6 +449,27 @@ export class Catalog {
     } catch (err) {
       throw storeError(this.file, err);
     }
+  }
+}
+
+/**
+ * Puts the catalog in WAL mode. Switching needs a moment alone with the file, and SQLite answers
+ * SQLITE_BUSY at once (its busy timeout does not cover it) when another process is creating the
+ * same new store: so retry briefly. A catalog already in WAL mode is left as it is.
+ */
+function enableWal(db: Database.Database): void {
+  const deadline = Date.now() + BUSY_TIMEOUT_MS;
+  const pause = new Int32Array(new SharedArrayBuffer(4));
+  for (;;) {
+    try {
+      if (db.pragma("journal_mode", { simple: true }) === "wal") return;
+      if (db.pragma("journal_mode = WAL", { simple: true }) === "wal") return;
+    } catch (err) {
+      if ((err as { code?: string }).code !== "SQLITE_BUSY") throw err;
+    }
+    if (Date.now() > deadline)
+      throw new KilnError("STORE", "catalog: cannot switch to WAL mode: database is locked");
+    Atomics.wait(pause, 0, 0, 10 + Math.floor(Math.random() * 20));
   }
 }
 

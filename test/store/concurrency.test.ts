@@ -94,3 +94,45 @@ describe("two processes pulling the same image into one store at once", () => {
     }
   });
 });
+
+describe("several processes creating one new catalog at once", () => {
+  const catalogModule = fileURLToPath(new URL("../../src/store/catalog.ts", import.meta.url));
+  const FILES = 100;
+
+  /** One process: on "go" (so all start together), opens and closes catalog-0 … catalog-N in turn. */
+  function opener(dir: string): {
+    child: ChildProcess;
+    done: Promise<{ code: number | null; stderr: string }>;
+  } {
+    const script = `import { join } from "node:path";
+import { Catalog } from ${JSON.stringify(catalogModule)};
+process.stdin.once("data", () => {
+  for (let i = 0; i < ${FILES}; i++) Catalog.open(join(${JSON.stringify(dir)}, "catalog-" + i + ".db")).close();
+  process.exit(0);
+});`;
+    const child = spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
+      stdio: ["pipe", "ignore", "pipe"],
+    });
+    let stderr = "";
+    child.stderr!.on("data", (d: Buffer) => {
+      stderr += d.toString();
+    });
+    return { child, done: new Promise((resolve) => child.on("exit", (code) => resolve({ code, stderr }))) };
+  }
+
+  it("all succeed: switching a new catalog to WAL is retried, not refused as 'database is locked'", async () => {
+    const dir = await mkdtemp(join(tmpdir(), "kiln-catalog-race-"));
+    try {
+      const procs = Array.from({ length: 4 }, () => opener(dir));
+      // Each process races the others on the creation of every one of the catalogs.
+      await new Promise((r) => setTimeout(r, 1500));
+      for (const p of procs) p.child.stdin!.end("go\n");
+      for (const p of procs) {
+        const r = await p.done;
+        assert.equal(r.code, 0, r.stderr);
+      }
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
