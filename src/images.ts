@@ -5,7 +5,9 @@
  * of a warm pull).
  */
 
+import { randomBytes } from "node:crypto";
 import type { ExportFormat } from "./build/formats.js";
+import { replaceAtomically } from "./build/publish.js";
 import { KilnError } from "./errors.js";
 import { parseReference } from "./reference/reference.js";
 import type { RegistryOptions } from "./registry/client.js";
@@ -273,21 +275,9 @@ export async function createDisk(
   opts: { label?: string } = {},
 ): Promise<{ out: string; bytes: number }> {
   const { createEmptyExt4 } = await import("./fs/ext4/writer.js");
-  const { randomBytes } = await import("node:crypto");
-  const { rename, rm } = await import("node:fs/promises");
-  const { dirname, join } = await import("node:path");
   // A fresh UUID per disk: two volumes attached to one VM must not share one.
-  const tmp = join(dirname(out), `.${randomBytes(6).toString("hex")}.kiln-tmp`);
-  try {
-    const r = await createEmptyExt4(tmp, size, {
-      uuid: randomBytes(16),
-      hashSeed: randomBytes(16),
-      label: opts.label,
-    });
-    await rename(tmp, out);
-    return { out, bytes: r.bytes };
-  } catch (err) {
-    await rm(tmp, { force: true });
-    throw err;
-  }
+  const r = await replaceAtomically(out, (tmp) =>
+    createEmptyExt4(tmp, size, { uuid: randomBytes(16), hashSeed: randomBytes(16), label: opts.label }),
+  );
+  return { out, bytes: r.bytes };
 }

@@ -7,7 +7,7 @@
  */
 import { createHash, randomBytes } from "node:crypto";
 import { mkdir, open, readdir, rename, rm, stat } from "node:fs/promises";
-import { dirname, join, relative } from "node:path";
+import { join, relative } from "node:path";
 import { KilnError } from "../errors.js";
 import { writeCpio } from "../fs/cpio/writer.js";
 import { writeErofs } from "../fs/erofs/writer.js";
@@ -16,12 +16,12 @@ import type { ContentSource, Inode } from "../fs/tree.js";
 import { LayerContent } from "../layers/content.js";
 import { openLayerStream } from "../layers/decompress.js";
 import { type LayerEntry, openLayerTree, TreeBuilder } from "../layers/merge.js";
+import { fsyncPath } from "../store/blobs.js";
 import type { ArtifactRecord, ImageRecord } from "../store/catalog.js";
 import type { Store } from "../store/store.js";
 import { readTar } from "../tar/reader.js";
 import { EXPORT_FORMATS, type ExportFormat } from "./formats.js";
-
-export { EXPORT_FORMATS, type ExportFormat };
+import { replaceAtomically } from "./publish.js";
 
 export interface ExportOptions {
   format: ExportFormat;
@@ -159,7 +159,7 @@ export async function exportArtifact(
     else await writeFormat(await mergedTree(store, image), layerContent(store, image), tmp, image, opts);
     await mkdir(store.artifactsDir, { recursive: true });
     await rename(tmp, final);
-    await fsyncDir(store.artifactsDir);
+    await fsyncPath(store.artifactsDir);
   } catch (err) {
     await rm(tmp, { force: true, recursive: true });
     throw err;
@@ -245,24 +245,13 @@ async function writeLayerImages(store: Store, image: ImageRecord, dir: string): 
   } finally {
     await fh.close();
   }
-  await fsyncDir(dir);
+  await fsyncPath(dir);
 }
 
 async function dirSize(dir: string): Promise<number> {
   let total = 0;
   for (const name of await readdir(dir)) total += (await stat(join(dir, name))).size;
   return total;
-}
-
-async function fsyncDir(dir: string): Promise<void> {
-  const fh = await open(dir, "r");
-  try {
-    await fh.sync();
-  } catch {
-    // Some filesystems refuse fsync on a directory; the rename is atomic all the same.
-  } finally {
-    await fh.close();
-  }
 }
 
 const BLOCK = 4096;
@@ -275,55 +264,54 @@ const CHUNK = 1 << 20;
 /** Copies an artifact (a file, or the directory of an erofs-layers export) to `out`, replacing it. */
 export async function copyArtifact(src: string, out: string): Promise<number> {
   if (!(await stat(src)).isDirectory()) return copySparse(src, out);
-  const tmp = join(dirname(out), `.${randomBytes(6).toString("hex")}.kiln-tmp`);
-  await mkdir(tmp);
-  try {
+  return replaceAtomically(out, async (tmp) => {
+    await mkdir(tmp);
     let total = 0;
     for (const name of (await readdir(src)).sort())
-      total += await copySparse(join(src, name), join(tmp, name));
-    await rm(out, { recursive: true, force: true });
-    await rename(tmp, out);
+      total += await writeSparseCopy(join(src, name), join(tmp, name));
+    await fsyncPath(tmp);
     return total;
-  } catch (err) {
-    await rm(tmp, { recursive: true, force: true });
-    throw err;
-  }
+  });
 }
 
-export async function copySparse(src: string, out: string): Promise<number> {
-  const tmp = join(dirname(out), `.${randomBytes(6).toString("hex")}.kiln-tmp`);
+/**
+ * Copies a file to `out` (replaced atomically), leaving holes where the source has all-zero blocks
+ * (disk images are mostly empty).
+ */
+export function copySparse(src: string, out: string): Promise<number> {
+  return replaceAtomically(out, (tmp) => writeSparseCopy(src, tmp));
+}
+
+/** Writes a new file `dest` with `src`'s bytes, zero blocks as holes, fsynced. */
+async function writeSparseCopy(src: string, dest: string): Promise<number> {
   const input = await open(src, "r");
-  let output: Awaited<ReturnType<typeof open>> | undefined;
   try {
-    output = await open(tmp, "wx");
-    const size = (await input.stat()).size;
-    const buf = Buffer.alloc(CHUNK);
-    for (let pos = 0; pos < size; ) {
-      const { bytesRead } = await input.read(buf, 0, Math.min(CHUNK, size - pos), pos);
-      if (bytesRead === 0) break;
-      // Write each run of non-zero blocks with one call; zero blocks stay holes.
-      let run = -1;
-      for (let off = 0; off < bytesRead; off += BLOCK) {
-        const zero = isZero(buf, off, Math.min(off + BLOCK, bytesRead));
-        if (!zero && run < 0) run = off;
-        if (zero && run >= 0) {
-          await output.write(buf, run, off - run, pos + run);
-          run = -1;
+    const output = await open(dest, "wx");
+    try {
+      const size = (await input.stat()).size;
+      const buf = Buffer.alloc(CHUNK);
+      for (let pos = 0; pos < size; ) {
+        const { bytesRead } = await input.read(buf, 0, Math.min(CHUNK, size - pos), pos);
+        if (bytesRead === 0) break;
+        // Write each run of non-zero blocks with one call; zero blocks stay holes.
+        let run = -1;
+        for (let off = 0; off < bytesRead; off += BLOCK) {
+          const zero = isZero(buf, off, Math.min(off + BLOCK, bytesRead));
+          if (!zero && run < 0) run = off;
+          if (zero && run >= 0) {
+            await output.write(buf, run, off - run, pos + run);
+            run = -1;
+          }
         }
+        if (run >= 0) await output.write(buf, run, bytesRead - run, pos + run);
+        pos += bytesRead;
       }
-      if (run >= 0) await output.write(buf, run, bytesRead - run, pos + run);
-      pos += bytesRead;
+      await output.truncate(size);
+      await output.sync();
+      return size;
+    } finally {
+      await output.close();
     }
-    await output.truncate(size);
-    await output.sync();
-    await output.close();
-    output = undefined;
-    await rename(tmp, out);
-    return size;
-  } catch (err) {
-    await output?.close();
-    await rm(tmp, { force: true });
-    throw err;
   } finally {
     await input.close();
   }

@@ -304,7 +304,8 @@ function sha256Hex(digest: string): string {
   return d.hex;
 }
 
-async function fsyncPath(path: string): Promise<void> {
+/** fsync a file or directory (directories where the filesystem allows it). */
+export async function fsyncPath(path: string): Promise<void> {
   const fh = await open(path, "r");
   try {
     await fh.sync();

@@ -13,7 +13,7 @@
  * root with inode number 0 hides "." and ".." from readdir users that skip d_ino 0.
  */
 import { KilnError } from "../../errors.js";
-import type { Inode } from "../tree.js";
+import { dataOrder, type Inode } from "../tree.js";
 import { type DirEntry, type DirPlan, planDirBlocks } from "./dirent.js";
 import {
   COMPACT_SIZE,
@@ -275,11 +275,7 @@ export function planLayout(root: Inode, opts: LayoutOptions = {}): Layout {
 
   // Blocks: regular files in dataOrder first, then directories and symlinks.
   let next = 1;
-  // tree.ts dataOrder, from the nodes already in walk order (a stable sort keeps ties alike).
-  const files = nodes
-    .filter((n) => n.inode.type === "file" && n.inode.data)
-    .map((n) => n.inode)
-    .sort((a, b) => a.data!.layer - b.data!.layer || a.data!.offset - b.data!.offset);
+  const files = dataOrder(root);
   const place = (node: Node): void => {
     if (node.blocks > 0) {
       node.u = next;
