@@ -7,7 +7,7 @@
 
 import { randomBytes } from "node:crypto";
 import type { ExportFormat } from "./build/formats.js";
-import { replaceAtomically } from "./build/publish.js";
+import { checkOutputDir, replaceAtomically } from "./build/publish.js";
 import { KilnError } from "./errors.js";
 import { parseReference } from "./reference/reference.js";
 import type { RegistryOptions } from "./registry/client.js";
@@ -254,6 +254,8 @@ export async function exportImage(
   opts: ExportImageOptions,
 ): Promise<ExportImageResult> {
   const { exportArtifact, copyArtifact } = await import("./build/export.js");
+  // Before the work, not after it.
+  await checkOutputDir(out);
   return withStore(opts, async (store) => {
     const image = lookup(store, arg, opts.platform);
     const result = await exportArtifact(store, image, {

@@ -2,6 +2,7 @@
 import { randomBytes } from "node:crypto";
 import { rename, rm, stat } from "node:fs/promises";
 import { dirname, join } from "node:path";
+import { KilnError } from "../errors.js";
 
 /**
  * Runs `write` on a temp path beside `out` (same filesystem, so the rename is atomic) and renames
@@ -9,7 +10,9 @@ import { dirname, join } from "node:path";
  * left as it was. A directory result replaces a directory at `out`.
  */
 export async function replaceAtomically<T>(out: string, write: (tmp: string) => Promise<T>): Promise<T> {
-  const tmp = join(dirname(out), `.${randomBytes(6).toString("hex")}.kiln-tmp`);
+  const dir = dirname(out);
+  await checkOutputDir(out);
+  const tmp = join(dir, `.${randomBytes(6).toString("hex")}.kiln-tmp`);
   try {
     const result = await write(tmp);
     if ((await stat(tmp)).isDirectory()) await rm(out, { recursive: true, force: true });
@@ -18,5 +21,19 @@ export async function replaceAtomically<T>(out: string, write: (tmp: string) => 
   } catch (err) {
     await rm(tmp, { recursive: true, force: true });
     throw err;
+  }
+}
+
+/** Names the output's directory when it is missing (the temp file's ENOENT would say nothing useful). */
+export async function checkOutputDir(out: string): Promise<void> {
+  const dir = dirname(out);
+  const st = await stat(dir).catch((err: NodeJS.ErrnoException) => {
+    if (err.code === "ENOENT") {
+      throw new KilnError("NOT_FOUND", `cannot write ${out}: directory ${dir} does not exist`);
+    }
+    throw err;
+  });
+  if (!st.isDirectory()) {
+    throw new KilnError("INVALID_ARGUMENT", `cannot write ${out}: ${dir} is not a directory`);
   }
 }

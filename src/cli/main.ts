@@ -7,7 +7,6 @@ import {
   type ExportImageResult,
   exportImage,
   type ImageRecord,
-  type IngestProgress,
   type IngestResult,
   importArchive,
   inspectImage,
@@ -16,40 +15,18 @@ import {
   removeImages,
 } from "../images.js";
 import { parsePlatform } from "../registry/platform.js";
-import { defaultRoot } from "../store/root.js";
-import { ago, formatBytes, parseSize, shortDigest, table } from "./format.js";
-
-interface GlobalOptions {
-  root?: string;
-  json?: boolean;
-  quiet?: boolean;
-  verbose?: boolean;
-}
-
-const collect = (value: string, previous: string[] = []) => [...previous, value];
-
-function globals(cmd: Command): GlobalOptions & { root: string } {
-  const g = cmd.optsWithGlobals() as GlobalOptions;
-  return { ...g, root: g.root ?? defaultRoot() };
-}
-
-function out(text: string): void {
-  process.stdout.write(`${text}\n`);
-}
-
-function json(value: unknown): void {
-  out(JSON.stringify(value, null, 2));
-}
-
-/**
- * Progress on a TTY (bars) or with --verbose (lines); nothing with --json or --quiet. The progress
- * module (and cli-progress) loads only when it will draw something.
- */
-async function progressFor(g: GlobalOptions): Promise<(IngestProgress & { stop?(): void }) | undefined> {
-  if (g.json || g.quiet || !(process.stderr.isTTY || g.verbose)) return undefined;
-  const { lineProgress, ttyProgress } = await import("./progress.js");
-  return process.stderr.isTTY ? ttyProgress(process.stderr) : lineProgress(process.stderr);
-}
+import {
+  abortOnSignal,
+  collect,
+  type GlobalOptions,
+  globals,
+  json,
+  out,
+  positiveInt,
+  progressFor,
+  sizeFlag,
+} from "./common.js";
+import { ago, formatBytes, shortDigest, table } from "./format.js";
 
 function summary(r: IngestResult, verb: string): string {
   const img = r.image;
@@ -59,14 +36,6 @@ function summary(r: IngestResult, verb: string): string {
 
 function pullJson(r: IngestResult) {
   return { ...describeImage(r.image), downloaded: r.downloaded, present: r.present };
-}
-
-function abortOnSignal(): AbortController {
-  const ac = new AbortController();
-  const onSignal = (sig: NodeJS.Signals) => ac.abort(new KilnError("INTERNAL", `interrupted by ${sig}`));
-  process.once("SIGINT", onSignal);
-  process.once("SIGTERM", onSignal);
-  return ac;
 }
 
 export function buildProgram(): Command {
@@ -286,15 +255,6 @@ function parseFormat(v: string): ExportFormat {
   return v as ExportFormat;
 }
 
-function sizeFlag(flag: string, v: string | undefined): number | undefined {
-  if (v === undefined) return undefined;
-  const n = parseSize(v);
-  if (n === undefined || n <= 0) {
-    throw new KilnError("INVALID_ARGUMENT", `${flag}: "${v}" is not a size (examples: 4096, 512M, 10G)`);
-  }
-  return n;
-}
-
 /** The export flags shared by `export` and `pull --format`, checked against the format. */
 function exportFlags(o: {
   format: string;
@@ -357,13 +317,6 @@ function imageRow(i: ImageRecord) {
     created: i.created,
     layers: i.layers.length,
   };
-}
-
-function positiveInt(v: string): number {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 1)
-    throw new KilnError("INVALID_ARGUMENT", `expected a positive integer, got "${v}"`);
-  return n;
 }
 
 /** Runs the CLI; prints one line with the error code on failure and sets a non-zero exit code. */

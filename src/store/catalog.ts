@@ -96,6 +96,33 @@ const MIGRATIONS: readonly string[] = [
      created_at TEXT NOT NULL
    ) WITHOUT ROWID;
    CREATE INDEX artifacts_manifest ON artifacts(manifest_digest);`,
+  // Service builds (kiln serve): one row per requested (name, format, options, platform), kept after
+  // it ends so `kiln images` shows it; `seq` orders the FIFO queue. Leases pin blobs that an
+  // operation in flight relies on but no image records yet, so GC leaves them alone.
+  `CREATE TABLE builds (
+     id INTEGER PRIMARY KEY,
+     name TEXT NOT NULL,
+     format TEXT NOT NULL,
+     options TEXT NOT NULL,
+     platform TEXT NOT NULL,
+     status TEXT NOT NULL,
+     seq INTEGER NOT NULL,
+     manifest_digest TEXT,
+     artifact_key TEXT,
+     error_code TEXT,
+     error_message TEXT,
+     created_at TEXT NOT NULL,
+     updated_at TEXT NOT NULL
+   );
+   CREATE UNIQUE INDEX builds_request ON builds(name, format, options, platform);
+   CREATE INDEX builds_status_seq ON builds(status, seq);
+   CREATE TABLE leases (
+     holder TEXT NOT NULL,
+     digest TEXT NOT NULL,
+     expires_at INTEGER NOT NULL,
+     PRIMARY KEY (holder, digest)
+   ) WITHOUT ROWID;
+   CREATE INDEX leases_digest ON leases(digest);`,
 ];
 
 /** An exported filesystem in the store's cache. */
@@ -414,6 +441,19 @@ export class Catalog {
 
   close(): void {
     this.#db.close();
+  }
+
+  /**
+   * The connection, for the store's own modules that keep other tables in the same file (builds,
+   * leases): one connection per process, so their writes and the catalog's serialize. Not public API.
+   */
+  get db(): Database.Database {
+    return this.#db;
+  }
+
+  /** Runs `fn` with errors mapped to STORE like the catalog's own methods. */
+  guard<T>(fn: () => T): T {
+    return this.#guard(fn);
   }
 
   #get(id: number): ImageRecord | undefined {

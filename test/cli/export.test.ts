@@ -4,7 +4,7 @@
  * entry by entry with `umoci unpack` of the same image.
  */
 import assert from "node:assert/strict";
-import { readdir, readFile, stat } from "node:fs/promises";
+import { readdir, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
@@ -200,5 +200,21 @@ describe("kiln export", () => {
       "INVALID_ARGUMENT",
     );
     assertFails(await box.kiln(["export", "nope:1", "--format", "cpio", "-o", join(work, "z")]), "NOT_FOUND");
+  });
+
+  it("names a missing output directory, and leaves nothing behind", async () => {
+    const missing = join(work, "no-such-dir");
+    const line = assertFails(
+      await box.kiln(["export", ref, "--format", "cpio", "-o", join(missing, "x.cpio")]),
+      "NOT_FOUND",
+    );
+    assert.match(line, /directory .*no-such-dir does not exist/);
+    assertFails(await box.kiln(["disk", "create", "--size", "1M", join(missing, "v.ext4")]), "NOT_FOUND");
+    const notDir = join(work, "a-file");
+    await writeFile(notDir, "");
+    assertFails(
+      await box.kiln(["export", ref, "--format", "cpio", "-o", join(notDir, "x.cpio")]),
+      "INVALID_ARGUMENT",
+    );
   });
 });
