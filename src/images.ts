@@ -10,11 +10,13 @@ import type { ExportFormat } from "./build/formats.js";
 import { checkOutputDir, replaceAtomically } from "./build/publish.js";
 import { KilnError } from "./errors.js";
 import { parseReference } from "./reference/reference.js";
-import type { RegistryOptions } from "./registry/client.js";
 import { parseConfig } from "./registry/manifest.js";
 import { formatPlatform, hostPlatform, type Platform } from "./registry/platform.js";
 import { type IngestProgress, type IngestResult, ingestImage } from "./source/ingest.js";
+import type { RegistryPullOptions } from "./source/pull.js";
+import type { BuildRow } from "./store/builds.js";
 import type { ImageRecord } from "./store/catalog.js";
+import type { GcReport } from "./store/gc.js";
 import { openStore, removeImages as removeFromStore, type Store } from "./store/store.js";
 
 export interface StoreOptions {
@@ -22,22 +24,10 @@ export interface StoreOptions {
   root?: string | undefined;
 }
 
-export interface PullOptions extends StoreOptions {
+export interface PullOptions extends StoreOptions, RegistryPullOptions {
   platform?: Platform | undefined;
-  /** `user:pass`; otherwise credentials come from the docker config (DOCKER_CONFIG or ~/.docker). */
-  creds?: string | undefined;
-  insecureRegistries?: string[] | undefined;
-  caFile?: string | undefined;
-  registryMirrors?: string[] | undefined;
-  /** Layers downloaded at once (default 3). */
-  concurrency?: number | undefined;
   progress?: IngestProgress | undefined;
   signal?: AbortSignal | undefined;
-  /** Transport tuning (timeouts, retries); mostly for tests. */
-  registry?:
-    | Omit<RegistryOptions, "credentials" | "insecureRegistries" | "caFile" | "registryMirrors">
-    | undefined;
-  env?: NodeJS.ProcessEnv | undefined;
 }
 
 async function withStore<T>(opts: StoreOptions, fn: (store: Store) => Promise<T>): Promise<T> {
@@ -52,34 +42,8 @@ async function withStore<T>(opts: StoreOptions, fn: (store: Store) => Promise<T>
 /** Pulls an image from its registry into the store, verified; blobs already present are not fetched. */
 export async function pull(reference: string, opts: PullOptions = {}): Promise<IngestResult> {
   const ref = parseReference(reference);
-  const env = opts.env ?? process.env;
-  const [{ RegistryClient }, { dockerCredentials }, { RegistrySource }] = await Promise.all([
-    import("./registry/client.js"),
-    import("./registry/credentials.js"),
-    import("./source/registry.js"),
-  ]);
-  const client = new RegistryClient({
-    ...opts.registry,
-    env,
-    insecureRegistries: opts.insecureRegistries,
-    caFile: opts.caFile,
-    registryMirrors: opts.registryMirrors,
-    credentials: dockerCredentials({ explicit: opts.creds, env }),
-  });
-  const source = new RegistrySource(ref, client);
-  try {
-    return await withStore(opts, (store) =>
-      ingestImage(store, source, {
-        platform: opts.platform,
-        concurrency: opts.concurrency,
-        progress: opts.progress,
-        signal: opts.signal,
-      }),
-    );
-  } finally {
-    await source.close();
-    await client.close();
-  }
+  const { pullInto } = await import("./source/pull.js");
+  return withStore(opts, (store) => pullInto(store, ref, opts));
 }
 
 export interface ImportOptions extends StoreOptions {
@@ -118,6 +82,17 @@ export async function importArchive(file: string, opts: ImportOptions = {}): Pro
 
 export async function listImages(opts: StoreOptions = {}): Promise<ImageRecord[]> {
   return withStore(opts, async (store) => store.catalog.list());
+}
+
+/** The images of the store and the builds `kiln serve` was asked for (one read of the catalog). */
+export async function listImagesAndBuilds(
+  opts: StoreOptions = {},
+): Promise<{ images: ImageRecord[]; builds: BuildRow[] }> {
+  const { Builds } = await import("./store/builds.js");
+  return withStore(opts, async (store) => ({
+    images: store.catalog.list(),
+    builds: new Builds(store.catalog).list(),
+  }));
 }
 
 export interface LookupOptions extends StoreOptions {
@@ -283,3 +258,21 @@ export async function createDisk(
   );
   return { out, bytes: r.bytes };
 }
+
+export interface GcOptions extends StoreOptions {
+  /** Only garbage older than this goes (default 1 h): work in flight elsewhere is younger. */
+  graceMs?: number | undefined;
+  /** Report what would be freed; delete nothing. */
+  dryRun?: boolean | undefined;
+}
+
+/**
+ * Frees blobs no image needs, exports of images no longer in the store, and stale temp files;
+ * safe while other kiln processes pull and build in the same store.
+ */
+export async function gc(opts: GcOptions = {}): Promise<GcReport> {
+  const { collectGarbage } = await import("./store/gc.js");
+  return withStore(opts, (store) => collectGarbage(store, { graceMs: opts.graceMs, dryRun: opts.dryRun }));
+}
+
+export type { GcReport };

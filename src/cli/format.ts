@@ -89,3 +89,26 @@ export function parseSize(text: string): number | undefined {
   const bytes = Math.round(Number(m[1]) * unit);
   return Number.isSafeInteger(bytes) ? bytes : undefined;
 }
+
+const DURATION_UNITS: Record<string, number> = {
+  ms: 1,
+  s: 1000,
+  m: 60_000,
+  h: 3_600_000,
+  d: 86_400_000,
+};
+
+/**
+ * `30m`, `1h`, `90s`, `2d`, `1h30m`, `500ms`, `0` → milliseconds; a bare number is seconds.
+ * undefined for anything else (negative, unknown unit, empty).
+ */
+export function parseDuration(text: string): number | undefined {
+  const s = text.trim().toLowerCase();
+  if (/^\d+(?:\.\d+)?$/.test(s)) return Math.round(Number(s) * 1000);
+  if (!/^(?:\d+(?:\.\d+)?(?:ms|s|m|h|d))+$/.test(s)) return undefined;
+  let ms = 0;
+  for (const [, n, unit] of s.matchAll(/(\d+(?:\.\d+)?)(ms|s|m|h|d)/g))
+    ms += Number(n) * DURATION_UNITS[unit!]!;
+  ms = Math.round(ms);
+  return Number.isSafeInteger(ms) ? ms : undefined;
+}

@@ -10,11 +10,13 @@ import {
   type IngestResult,
   importArchive,
   inspectImage,
-  listImages,
+  listImagesAndBuilds,
   pull,
   removeImages,
 } from "../images.js";
+import { parseReference, refName } from "../reference/reference.js";
 import { parsePlatform } from "../registry/platform.js";
+import type { BuildRow } from "../store/builds.js";
 import {
   abortOnSignal,
   collect,
@@ -27,6 +29,8 @@ import {
   sizeFlag,
 } from "./common.js";
 import { ago, formatBytes, shortDigest, table } from "./format.js";
+import { gcCommand } from "./gc.js";
+import { serveCommand } from "./serve.js";
 
 function summary(r: IngestResult, verb: string): string {
   const img = r.image;
@@ -183,23 +187,26 @@ export function buildProgram(): Command {
     .description("list the images in the store")
     .action(async (_o, cmd: Command) => {
       const g = globals(cmd);
-      const images = await listImages({ root: g.root });
-      if (g.json) return json(images.map(imageRow));
+      const { images, builds } = await listImagesAndBuilds({ root: g.root });
+      const rows = imageRows(images, builds);
+      if (g.json) return json(rows);
       if (g.quiet) {
-        for (const i of images) out(i.manifestDigest);
+        for (const r of rows) if (r.digest) out(r.digest);
         return;
       }
       const now = Date.now();
+      const withStatus = builds.length > 0;
       out(
         table(
-          ["REPOSITORY", "TAG", "PLATFORM", "DIGEST", "CREATED", "SIZE"],
-          images.map((i) => [
-            i.repository ?? "<none>",
-            i.tag ?? "<none>",
-            i.platform,
-            shortDigest(i.manifestDigest),
-            ago(i.created, now),
-            formatBytes(i.size),
+          ["REPOSITORY", "TAG", "PLATFORM", "DIGEST", "CREATED", "SIZE", ...(withStatus ? ["BUILDS"] : [])],
+          rows.map((r) => [
+            r.repository ?? "<none>",
+            r.tag ?? "<none>",
+            r.platform,
+            r.digest ? shortDigest(r.digest) : "-",
+            ago(r.created, now),
+            r.size === null ? "-" : formatBytes(r.size),
+            ...(withStatus ? [r.builds.map((b) => `${b.format}:${b.status}`).join(" ")] : []),
           ]),
         ),
       );
@@ -244,6 +251,9 @@ export function buildProgram(): Command {
       }
       if (r.failed.length > 0) process.exitCode = 1;
     });
+
+  program.addCommand(gcCommand());
+  program.addCommand(serveCommand());
 
   return program;
 }
@@ -305,17 +315,58 @@ function reportExport(g: GlobalOptions, r: ExportImageResult): void {
     );
 }
 
+/**
+ * `kiln images` rows: every image of the store with the service builds of it, then the builds whose
+ * image is not in the store (yet: pending, pulling; or failed).
+ */
+function imageRows(images: ImageRecord[], builds: BuildRow[]) {
+  const buildJson = (b: BuildRow) => ({
+    format: b.format,
+    status: b.status,
+    ...(b.errorCode ? { error: { code: b.errorCode, message: b.errorMessage ?? "" } } : {}),
+  });
+  const used = new Set<number>();
+  const rows = images.map((i) => {
+    const mine = builds.filter((b) => b.name === i.ref && b.platform === i.platform);
+    for (const b of mine) used.add(b.id);
+    return { ...imageRow(i), builds: mine.map(buildJson) };
+  });
+  const rest = new Map<string, BuildRow[]>();
+  for (const b of builds) {
+    if (used.has(b.id)) continue;
+    const key = `${b.name}\n${b.platform}`;
+    rest.set(key, [...(rest.get(key) ?? []), b]);
+  }
+  for (const group of rest.values()) {
+    const b = group[0]!;
+    const ref = parseReference(b.name);
+    rows.push({
+      ref: b.name,
+      repository: refName(ref),
+      tag: ref.tag ?? null,
+      digest: b.manifestDigest,
+      indexDigest: null,
+      platform: b.platform,
+      size: null,
+      created: null,
+      layers: null,
+      builds: group.map(buildJson),
+    });
+  }
+  return rows;
+}
+
 function imageRow(i: ImageRecord) {
   return {
     ref: i.ref,
     repository: i.repository,
     tag: i.tag,
-    digest: i.manifestDigest,
+    digest: i.manifestDigest as string | null,
     indexDigest: i.indexDigest,
     platform: i.platform,
-    size: i.size,
+    size: i.size as number | null,
     created: i.created,
-    layers: i.layers.length,
+    layers: i.layers.length as number | null,
   };
 }
 

@@ -36,12 +36,47 @@ export function normalizePlatform(p: {
 }
 
 /** Parses `os/arch[/variant]` (or `arch` alone, meaning linux). */
+const KNOWN_OS = new Set([
+  "linux",
+  "windows",
+  "darwin",
+  "freebsd",
+  "netbsd",
+  "openbsd",
+  "solaris",
+  "illumos",
+  "aix",
+]);
+const KNOWN_ARCH = new Set([
+  "amd64",
+  "arm64",
+  "arm",
+  "386",
+  "ppc64le",
+  "ppc64",
+  "s390x",
+  "riscv64",
+  "mips64le",
+  "mips64",
+  "mipsle",
+  "mips",
+  "loong64",
+  "wasm",
+]);
+
 export function parsePlatform(text: string): Platform {
   const parts = text.trim().split("/");
   if (parts.some((p) => p === "" || !/^[A-Za-z0-9_.-]+$/.test(p)) || parts.length > 3) {
     throw new KilnError("INVALID_PLATFORM", `invalid platform "${text}": expected os/arch[/variant]`);
   }
-  if (parts.length === 1) return normalizePlatform({ os: "linux", architecture: parts[0]! });
+  if (parts.length === 1) {
+    // One word, as containerd reads it: an OS (with the host's architecture) or an architecture (on linux).
+    const word = parts[0]!.toLowerCase();
+    if (KNOWN_OS.has(word)) return normalizePlatform({ os: word, architecture: hostPlatform().architecture });
+    const arch = normalizePlatform({ os: "linux", architecture: word });
+    if (KNOWN_ARCH.has(arch.architecture)) return arch;
+    throw new KilnError("INVALID_PLATFORM", `invalid platform "${text}": not a known OS or architecture`);
+  }
   return normalizePlatform({ os: parts[0]!, architecture: parts[1]!, variant: parts[2] });
 }
 

@@ -5,6 +5,7 @@ import type { Descriptor } from "../registry/manifest.js";
 import { layerCompression } from "../registry/manifest.js";
 import { formatPlatform, type Platform } from "../registry/platform.js";
 import type { ImageRecord } from "../store/catalog.js";
+import { withLease } from "../store/leases.js";
 import type { Store } from "../store/store.js";
 import type { ImageSource, ResolvedImage } from "./types.js";
 
@@ -57,7 +58,28 @@ export async function ingestImage(
       (await store.blobs.has(digest)) ? store.blobs.readBytes(digest, MAX_DOCUMENT_BYTES) : undefined,
   });
   const diffIds = checkConsistency(resolved);
+  // Pinned before looking at which blobs are present and until the image is recorded: GC and
+  // `kiln rm` leave a pinned blob alone, so one found present here is still there at the end.
+  return withLease(store.catalog, "pull", async (pin) => {
+    pin(
+      [
+        resolved.index?.digest,
+        resolved.manifest.digest,
+        resolved.config.digest,
+        ...resolved.layers.map((l) => l.digest),
+      ].filter((d) => d !== undefined),
+    );
+    return fetchAndRecord(store, source, resolved, diffIds, opts);
+  });
+}
 
+async function fetchAndRecord(
+  store: Store,
+  source: ImageSource,
+  resolved: ResolvedImage,
+  diffIds: string[],
+  opts: IngestOptions,
+): Promise<IngestResult> {
   const unique = new Map<string, Descriptor>();
   for (const layer of resolved.layers) if (!unique.has(layer.digest)) unique.set(layer.digest, layer);
   const missing: Descriptor[] = [];

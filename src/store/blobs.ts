@@ -108,6 +108,23 @@ export class BlobStore {
     return new DirStaging(this, dir);
   }
 
+  /**
+   * Publishes a complete file the caller has verified to hash to `digest` (an upload assembled under
+   * tmp/, too big to copy through a Staging): fsync, rename into place, fsync the directory. An
+   * existing blob of the same size is kept and the file removed.
+   */
+  async publishFile(file: string, digest: string, size: number): Promise<void> {
+    const final = this.path(digest);
+    await fsyncPath(file);
+    await mkdir(this.dir, { recursive: true });
+    if (await this.has(digest, size)) {
+      await rm(file, { force: true });
+      return;
+    }
+    await rename(file, final);
+    await fsyncPath(this.dir);
+  }
+
   /** Deletes a blob; absent is fine. Callers decide what is unreferenced (see removeImages). */
   async delete(digest: string): Promise<void> {
     try {

@@ -109,6 +109,7 @@ const MIGRATIONS: readonly string[] = [
      seq INTEGER NOT NULL,
      manifest_digest TEXT,
      artifact_key TEXT,
+     size INTEGER,
      error_code TEXT,
      error_message TEXT,
      created_at TEXT NOT NULL,
@@ -432,6 +433,24 @@ export class Catalog {
              FROM artifacts WHERE manifest_digest = ? ORDER BY key`,
           )
           .all(manifestDigest) as ArtifactRecord[],
+    );
+  }
+
+  /** Bytes of every cached artifact. */
+  artifactBytes(): number {
+    return this.#guard(
+      () => this.#db.prepare("SELECT coalesce(sum(size), 0) FROM artifacts").pluck().get() as number,
+    );
+  }
+
+  /** The config JSON of an image with this manifest, if the catalog has one. */
+  configOf(manifestDigest: string): string | undefined {
+    return this.#guard(
+      () =>
+        this.#db
+          .prepare("SELECT config FROM images WHERE manifest_digest = ? LIMIT 1")
+          .pluck()
+          .get(manifestDigest) as string | undefined,
     );
   }
 

@@ -2,6 +2,7 @@ import { mkdir, rm } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { BlobStore } from "./blobs.js";
 import { Catalog, type ImageRecord } from "./catalog.js";
+import { deleteUnpinnedBlob } from "./gc.js";
 import { defaultRoot, storeLayout } from "./root.js";
 
 /** An open store: blobs on disk plus the catalog that says which images use them. */
@@ -37,10 +38,10 @@ export async function openStore(root: string = defaultRoot()): Promise<Store> {
  * remaining image references. Only those: a blob another process's pull has just committed but not
  * yet recorded belongs to no removed image, so it is left alone.
  *
- * Remaining race (until GC with leases): a concurrent pull that found one of these blobs already
- * present (and so did not stage it) but has not recorded its image yet can see the blob deleted
- * here, and then record an image with a missing blob. Reading such an image fails with NOT_FOUND
- * for the blob; pulling it again repairs it.
+ * A concurrent pull that found one of these blobs already present (and so did not stage it) holds
+ * a lease on it from before it looked until its image is recorded; deleteUnpinnedBlob checks leases
+ * and references after the blob has left blobs/, so such a blob stays (and GC frees it later if the
+ * pull fails).
  */
 export async function removeImages(store: Store, records: readonly ImageRecord[]): Promise<void> {
   const candidates = new Set<string>();
@@ -55,11 +56,11 @@ export async function removeImages(store: Store, records: readonly ImageRecord[]
   const referenced = store.catalog.referencedBlobs();
   for (const digest of candidates) {
     if (referenced.has(digest)) continue;
+    if ((await deleteUnpinnedBlob(store, digest)) === "pinned") continue;
     // Exported filesystems of a manifest no image has any more go with it.
     for (const artifact of store.catalog.artifactsOf(digest)) {
       store.catalog.removeArtifact(artifact.key);
       await rm(join(store.root, artifact.path), { force: true, recursive: true });
     }
-    await store.blobs.delete(digest);
   }
 }

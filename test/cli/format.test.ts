@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
-import { formatBytes, parseSize } from "../../src/cli/format.js";
+import { formatBytes, parseDuration, parseSize } from "../../src/cli/format.js";
 
 describe("parseSize", () => {
   const cases: [string, number][] = [
@@ -20,4 +20,23 @@ describe("parseSize", () => {
     assert.equal(formatBytes(999), "999 B");
     assert.equal(formatBytes(1_500_000), "1.5 MB");
   });
+});
+
+describe("parseDuration", () => {
+  const cases: [string, number][] = [
+    ["0", 0],
+    ["90s", 90_000],
+    ["30m", 30 * 60_000],
+    ["1h", 3_600_000],
+    ["2d", 2 * 86_400_000],
+    ["1h30m", 5_400_000],
+    ["1.5h", 5_400_000],
+    ["500ms", 500],
+    ["45", 45_000],
+    [" 2H ", 7_200_000],
+  ];
+  for (const [text, ms] of cases) it(`${text} → ${ms} ms`, () => assert.equal(parseDuration(text), ms));
+  for (const bad of ["", "h", "-1h", "1w", "1h-", "ten", "1 h", "1e3s"]) {
+    it(`rejects ${JSON.stringify(bad)}`, () => assert.equal(parseDuration(bad), undefined));
+  }
 });

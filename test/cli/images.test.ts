@@ -108,6 +108,8 @@ describe("kiln images, inspect and rm", () => {
         size: p.size,
         created: "2024-01-01T00:00:00Z",
         layers: p.layers.length,
+        // Service builds of the image (kiln serve); none here.
+        builds: [],
       });
     }
   });

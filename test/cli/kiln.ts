@@ -12,7 +12,7 @@ import { makeTempDir, removeDir } from "../helpers/exec.js";
 import type { ConfigSpec, RawImage } from "../helpers/images.js";
 
 export const REPO_ROOT = resolve(import.meta.dirname, "..", "..");
-const BIN = join(REPO_ROOT, "bin", "kiln");
+export const BIN = join(REPO_ROOT, "bin", "kiln");
 
 if (!existsSync(join(REPO_ROOT, "dist", "cli", "run.js"))) {
   throw new Error("dist/ is missing: run `npm run build` before the CLI tests");
@@ -158,6 +158,7 @@ export interface ImageRow {
   size: number;
   created: string | null;
   layers: number;
+  builds?: { format: string; status: string; error?: { code: string; message: string } }[];
 }
 
 interface RawManifest {

@@ -10,6 +10,7 @@ import {
 } from "../../src/reference/reference.js";
 import {
   formatPlatform,
+  hostPlatform,
   normalizePlatform,
   parsePlatform,
   platformMatches,
@@ -112,6 +113,13 @@ describe("platforms", () => {
     assert.deepEqual(parsePlatform("linux/arm64"), { os: "linux", architecture: "arm64", variant: "v8" });
     assert.deepEqual(parsePlatform("linux/arm/v6"), { os: "linux", architecture: "arm", variant: "v6" });
     assert.equal(formatPlatform(parsePlatform("arm64")), "linux/arm64/v8");
+    // One word is an OS (with the host's architecture) or an architecture, as containerd reads it.
+    assert.equal(parsePlatform("linux").architecture, hostPlatform().architecture);
+    assert.equal(parsePlatform("linux").os, "linux");
+    assert.throws(
+      () => parsePlatform("plan9x"),
+      (e) => isKilnError(e, "INVALID_PLATFORM"),
+    );
     assert.deepEqual(normalizePlatform({ os: "Linux", architecture: "AMD64" }), {
       os: "linux",
       architecture: "amd64",

@@ -61,12 +61,12 @@ describe("Catalog", () => {
     const db = new Database(file, { readonly: true });
     try {
       assert.equal(db.pragma("journal_mode", { simple: true }), "wal");
-      assert.equal(db.pragma("user_version", { simple: true }), 2);
+      assert.equal(db.pragma("user_version", { simple: true }), 3);
       const tables = db
         .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
         .pluck()
         .all();
-      assert.deepEqual(tables, ["artifacts", "image_layers", "images", "layers"]);
+      assert.deepEqual(tables, ["artifacts", "builds", "image_layers", "images", "layers", "leases"]);
     } finally {
       db.close();
     }
