@@ -6,6 +6,12 @@
  */
 
 export type { ExportFormat } from "./build/formats.js";
+export {
+  type CreateImageRequest,
+  ImageManager,
+  type ManagerOptions,
+  type ServiceImage,
+} from "./build/manager.js";
 export { type ErrorCode, isKilnError, KilnError } from "./errors.js";
 export {
   createDisk,
@@ -26,6 +32,7 @@ export {
   inspectImage,
   type LookupOptions,
   listImages,
+  listImagesAndBuilds,
   type PullOptions,
   pull,
   type RemoveResult,
@@ -35,5 +42,6 @@ export {
 export { type Digest, parseDigest } from "./reference/digest.js";
 export { formatReference, type ImageRef, parseReference } from "./reference/reference.js";
 export { formatPlatform, hostPlatform, type Platform, parsePlatform } from "./registry/platform.js";
+export { buildServer, type ServerOptions } from "./server/app.js";
 export type { ImageSource, ResolvedImage } from "./source/types.js";
 export { defaultRoot } from "./store/root.js";

@@ -14,6 +14,9 @@ import type { Store } from "./store.js";
 
 export const DEFAULT_GRACE_MS = 60 * 60 * 1000;
 
+/** Largest index or manifest read to find what an index holds. */
+const MAX_DOCUMENT_BYTES = 4 * 1024 * 1024;
+
 export interface GcOptions {
   /** Only what is older than this is swept (default 1 h). */
   graceMs?: number | undefined;
@@ -63,7 +66,7 @@ export async function collectGarbage(store: Store, opts: GcOptions = {}): Promis
   const temps = (await listEntries(store.tmpDir)).filter((e) => !e.name.endsWith(".lock"));
 
   // 2. Roots, read after the listing.
-  const referenced = store.catalog.referencedBlobs();
+  const referenced = await withIndexChildren(store, store.catalog.referencedBlobs());
   const leased = leasedDigests(store.catalog, now);
   const rows = artifactRows(store.catalog);
   const built = builtArtifactKeys(store.catalog);
@@ -141,6 +144,43 @@ export async function deleteUnpinnedBlob(
   }
   await unlink(aside);
   return "deleted";
+}
+
+/**
+ * Adds what the indexes among `referenced` hold and the store has: the other children of an index
+ * (attestation manifests, platforms pushed into the embedded registry but not recorded as images)
+ * and their configs and layers, so that the index the registry serves stays whole.
+ */
+async function withIndexChildren(store: Store, referenced: Set<string>): Promise<Set<string>> {
+  const indexes = store.catalog.guard(
+    () =>
+      store.catalog.db
+        .prepare("SELECT DISTINCT index_digest FROM images WHERE index_digest IS NOT NULL")
+        .pluck()
+        .all() as string[],
+  );
+  const out = new Set(referenced);
+  const read = async (digest: string): Promise<Record<string, unknown> | undefined> => {
+    try {
+      return JSON.parse((await store.blobs.readBytes(digest, MAX_DOCUMENT_BYTES)).toString("utf8"));
+    } catch {
+      return undefined; // absent or not JSON: nothing to keep through it
+    }
+  };
+  const digestsOf = (list: unknown): string[] =>
+    Array.isArray(list)
+      ? (list.map((d) => (d as { digest?: unknown }).digest).filter((d) => typeof d === "string") as string[])
+      : [];
+  for (const index of indexes) {
+    const doc = await read(index);
+    for (const child of digestsOf(doc?.manifests)) {
+      if (out.has(child) || !(await store.blobs.has(child))) continue;
+      out.add(child);
+      const manifest = await read(child);
+      for (const d of [...digestsOf([manifest?.config]), ...digestsOf(manifest?.layers)]) out.add(d);
+    }
+  }
+  return out;
 }
 
 /** Whether an image references `digest` or an unexpired lease pins it, in one read. */

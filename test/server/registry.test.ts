@@ -10,6 +10,8 @@ import { readdir, readFile } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { request } from "undici";
+import { collectGarbage } from "../../src/store/gc.js";
+import { openStore } from "../../src/store/store.js";
 import { blobNames, childEnv, type ImageRow, type PullJson, runKiln } from "../cli/kiln.js";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
 import { multiArchImage, SAMPLE_SPEC, sampleImage } from "../helpers/fixtures.js";
@@ -586,5 +588,39 @@ describe("embedded registry: protocol edges", () => {
     assertError(await http(reg, "DELETE", `/v2/x/blobs/${sha256("x")}`), 405, "UNSUPPORTED");
     assertError(await http(reg, "GET", "/v2/x/nothing"), 404, "NOT_FOUND");
     assertError(await http(reg, "GET", "/v2/x/blobs/sha256:abc"), 400, "DIGEST_INVALID");
+  });
+});
+
+describe("embedded registry and GC", () => {
+  it("GC after every lease expired keeps all a pushed index serves (attestation manifests too)", async () => {
+    const reg = await startKilnRegistry();
+    const work = await makeTempDir("registry-gc");
+    try {
+      const multi = await pushImage(await multiArchImage(), reg, "multi:1");
+      const store = await openStore(reg.root);
+      try {
+        // Two hours on: every lease has expired and every blob is past the grace period.
+        const report = await collectGarbage(store, { graceMs: 0, now: Date.now() + 2 * 3600_000 });
+        assert.deepEqual(report.blobs, []);
+      } finally {
+        store.close();
+      }
+      const out = join(work, "pulled");
+      await skopeo([
+        "copy",
+        "-q",
+        "--all",
+        "--src-tls-verify=false",
+        `docker://${reg.host}/multi:1`,
+        `oci:${out}:m`,
+      ]);
+      const index = JSON.parse(await readFile(join(out, "index.json"), "utf8")) as {
+        manifests: { digest: string }[];
+      };
+      assert.equal(index.manifests[0]!.digest, multi.digest);
+    } finally {
+      await reg.stop();
+      await removeDir(work);
+    }
   });
 });

@@ -11,7 +11,7 @@ import { BLOB_PATH, childEnv, runKiln } from "../cli/kiln.js";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
 import { type FaultProxy, startFaultProxy } from "../helpers/faultproxy.js";
 import { sampleImage } from "../helpers/fixtures.js";
-import { inspectRaw, pushImage } from "../helpers/images.js";
+import { inspectRaw, pushImage, sha256, skopeo } from "../helpers/images.js";
 import { type Registry, startRegistry } from "../helpers/registry.js";
 import { type Service, startService } from "./service.js";
 
@@ -178,6 +178,48 @@ describe("kiln serve", () => {
       assert.equal(await svc.stop(), 0);
     } finally {
       if (svc.child.exitCode === null) await svc.kill9();
+    }
+  });
+
+  it("takes pushes into its registry (token as password), converts them on push, and serves them back", async () => {
+    const root = join(work, "push");
+    const svc = await startService(root, [
+      "--token",
+      TOKEN,
+      "--convert-on-push",
+      "--default-format",
+      "erofs",
+    ]);
+    try {
+      const host = new URL(svc.url).host;
+      const image = await sampleImage();
+      const creds = `--dest-creds=kiln:${TOKEN}`;
+      // Without the token the push is refused.
+      await assert.rejects(
+        skopeo(["copy", "-q", "--dest-tls-verify=false", image.ref, `docker://${host}/pushed/app:1`]),
+        /unauthorized|authentication required|401/i,
+      );
+      await skopeo([
+        "copy",
+        "-q",
+        "--dest-tls-verify=false",
+        creds,
+        image.ref,
+        `docker://${host}/pushed/app:1`,
+      ]);
+      const name = "docker.io/pushed/app:1";
+      const built = (await untilEnded(svc, name, "erofs", TOKEN)).at(-1)!;
+      assert.equal(built.status, "ready", JSON.stringify(built.error));
+      await run("fsck.erofs", [built.artifact!]);
+      // Pulled back out by another client: the same manifest digest.
+      const raw = await run(
+        "skopeo",
+        ["inspect", "--raw", "--tls-verify=false", `--creds=kiln:${TOKEN}`, `docker://${host}/pushed/app:1`],
+        { binary: true },
+      );
+      assert.equal(sha256(raw), built.digest);
+    } finally {
+      await svc.stop();
     }
   });
 
