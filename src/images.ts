@@ -6,6 +6,10 @@
  */
 
 import { randomBytes } from "node:crypto";
+import { readFile } from "node:fs/promises";
+import { join } from "node:path";
+import type { RuntimeConfig } from "./boot/runtime.js";
+import type { ExportProgress, LayerImagesList } from "./build/export.js";
 import type { ExportFormat } from "./build/formats.js";
 import { checkOutputDir, replaceAtomically } from "./build/publish.js";
 import { KilnError } from "./errors.js";
@@ -207,6 +211,8 @@ export interface ExportImageOptions extends LookupOptions {
   free?: number | undefined;
   /** ext4: add a jbd2 journal, for disks mounted read-write. */
   journal?: boolean | undefined;
+  /** Phases, layers and bytes of the conversion and of the copy to `out`. */
+  progress?: ExportProgress | undefined;
 }
 
 export interface ExportImageResult {
@@ -228,19 +234,21 @@ export async function exportImage(
   out: string,
   opts: ExportImageOptions,
 ): Promise<ExportImageResult> {
-  const { exportArtifact, copyArtifact } = await import("./build/export.js");
+  const { exportArtifact } = await import("./build/export.js");
   // Before the work, not after it.
   await checkOutputDir(out);
   return withStore(opts, async (store) => {
     const image = lookup(store, arg, opts.platform);
-    const result = await exportArtifact(store, image, {
+    const options = {
       format: opts.format,
       compress: opts.compress,
       size: opts.size,
       free: opts.free,
       journal: opts.journal,
-    });
-    const bytes = await copyArtifact(result.file, out);
+    };
+    // exportArtifact writes `out` too: the copy overlaps the fsync of the cached artifact.
+    const result = await exportArtifact(store, image, options, { output: out, progress: opts.progress });
+    const bytes = result.bytes ?? 0;
     return { image, out, bytes, format: opts.format, cached: result.cached };
   });
 }
@@ -276,3 +284,43 @@ export async function gc(opts: GcOptions = {}): Promise<GcReport> {
 }
 
 export type { GcReport };
+
+export interface BootImageOptions extends LookupOptions {
+  format: ExportFormat;
+  /** Replaces the image's cmd (`docker run IMAGE CMD…`). */
+  args?: string[] | undefined;
+  /** Copy the exported root here (`rootfs.FORMAT`); else the store's cached export is used in place. */
+  outDir?: string | undefined;
+}
+
+export interface BootImage {
+  image: ImageRecord;
+  format: ExportFormat;
+  /** The root's files: one image, or (erofs-layers) one per layer, bottom first. */
+  files: string[];
+  runtime: RuntimeConfig;
+  cached: boolean;
+}
+
+/** What `kiln boot` and `kiln vm-config` need of an image: its exported root and how to run it. */
+export async function prepareBootImage(arg: string, opts: BootImageOptions): Promise<BootImage> {
+  const { exportArtifact } = await import("./build/export.js");
+  const { runtimeConfig } = await import("./boot/runtime.js");
+  return withStore(opts, async (store) => {
+    const image = lookup(store, arg, opts.platform);
+    // Before the export: an unknown user or a missing command fails at once.
+    const runtime = await runtimeConfig(store, image, { args: opts.args });
+    const output = opts.outDir === undefined ? undefined : join(opts.outDir, `rootfs.${opts.format}`);
+    // cpio uncompressed: the kernel unpacks it as fast as it reads it, and it is cached as `export` makes it.
+    const r = await exportArtifact(store, image, { format: opts.format, compress: "none" }, { output });
+    const path = output ?? r.file;
+    let files = [path];
+    if (opts.format === "erofs-layers") {
+      const list = JSON.parse(await readFile(join(path, "layers.json"), "utf8")) as LayerImagesList;
+      files = list.layers.map((l) => join(path, l.file));
+    }
+    return { image, format: opts.format, files, runtime, cached: r.cached };
+  });
+}
+
+export type { RuntimeConfig };

@@ -1,22 +1,24 @@
 /**
- * Image → filesystem. Pass 1 decompresses each layer (checking its diff ID), reads its tar headers
- * and merges them into one tree (or one tree per layer); pass 2 streams file bytes from the layers
- * again, in layer order, into the writer. The result is published into the store's artifact cache
- * (temp file, fsync, rename, then recorded), keyed by (manifest digest, format, options), so the
- * same export again is a copy.
+ * Image → filesystem. Pass 1 reads each layer's tar headers (decompressing a compressed layer and
+ * checking its diff ID) and merges them into one tree (or one tree per layer); pass 2 reads file
+ * bytes from the same open layer files again, in layer order, into the writer (src/layers/files.ts:
+ * an uncompressed layer is read by position, so neither pass reads what it does not need). The
+ * result is published into the store's artifact cache (temp file, fsync, rename, then recorded),
+ * keyed by (manifest digest, format, options), so the same export again is a copy (or a clone).
  */
 import { createHash, randomBytes } from "node:crypto";
-import { createReadStream, openSync } from "node:fs";
-import { mkdir, open, readdir, rename, rm, stat } from "node:fs/promises";
+import { constants } from "node:fs";
+import { copyFile, mkdir, open, readdir, readFile, rename, rm, stat } from "node:fs/promises";
+import { totalmem } from "node:os";
 import { join, relative } from "node:path";
-import type { Readable } from "node:stream";
 import { KilnError } from "../errors.js";
 import { writeCpio } from "../fs/cpio/writer.js";
+import { writeSparse } from "../fs/datastream.js";
 import { writeErofs } from "../fs/erofs/writer.js";
 import { writeExt4 } from "../fs/ext4/writer.js";
 import type { ContentSource, Inode } from "../fs/tree.js";
 import { LayerContent } from "../layers/content.js";
-import { openLayerStream } from "../layers/decompress.js";
+import { LayerFiles } from "../layers/files.js";
 import { type LayerEntry, openLayerTree, TreeBuilder } from "../layers/merge.js";
 import { fsyncPath } from "../store/blobs.js";
 import type { ArtifactRecord, ImageRecord } from "../store/catalog.js";
@@ -80,71 +82,132 @@ function layerLabel(image: ImageRecord, i: number): string {
   return `layer ${i + 1}/${image.layers.length} (${image.layers[i]!.digest})`;
 }
 
+/** What a conversion is doing: pass 1, pass 2, or the copy of the result to its output. */
+export type ExportPhase = "reading" | "writing" | "copying";
+
 /**
- * Reads of 1 MiB: at the stream default of 64 KiB, the per-chunk cost (a thread-pool round trip, the
- * async iterators above it) made reading a layer several times slower than the disk.
+ * What a long export reports, for progress bars and logs. Every callback is optional; without
+ * them nothing is counted.
  */
-const READ_CHUNK = 1 << 20;
+export interface ExportProgress {
+  /** Once, first: the layers (compressed sizes) and whether the result comes from the cache. */
+  start?(plan: { format: ExportFormat; layers: { digest: string; size: number }[]; cached: boolean }): void;
+  /**
+   * A phase begins. `total` is what its `bytes` add up to: the compressed bytes of the layers when
+   * reading or writing (each pass reads every layer; erofs-layers reads and writes one layer at a
+   * time, so it has a single "writing" phase over both reads), the result's size when copying.
+   */
+  phase?(phase: ExportPhase, total: number): void;
+  /** The phase moved on to layer `index` (0-based) of `count`. */
+  layer?(index: number, count: number): void;
+  /** `n` more bytes of the phase are done; they add up to the phase's total when it ends. */
+  bytes?(n: number): void;
+  /** The phase is over (its bytes reached its total). */
+  phaseEnd?(phase: ExportPhase): void;
+}
 
-/** A layer blob as a stream of large chunks. Opened now, so a later delete cannot break the read. */
-function openBlob(store: Store, digest: string): Readable {
-  const file = store.blobs.path(digest);
-  let fd: number;
-  try {
-    fd = openSync(file, "r");
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === "ENOENT") {
-      throw new KilnError("NOT_FOUND", `blob ${digest} is not in the store`, {
-        cause: err,
-        details: { digest },
-      });
-    }
-    throw err;
+/** Phase bookkeeping over an optional ExportProgress: a phase's bytes always end at its total. */
+class Reporter {
+  #phase: ExportPhase | undefined;
+  #total = 0;
+  #done = 0;
+  readonly onBytes: ((n: number) => void) | undefined;
+
+  constructor(private readonly p: ExportProgress | undefined) {
+    this.onBytes = p?.bytes
+      ? (n) => {
+          this.#done += n;
+          p.bytes!(n);
+        }
+      : undefined;
   }
-  return createReadStream(file, { fd, highWaterMark: READ_CHUNK });
+
+  phase(phase: ExportPhase, total: number): void {
+    this.end();
+    this.#phase = phase;
+    this.#total = total;
+    this.#done = 0;
+    this.p?.phase?.(phase, total);
+  }
+
+  layer(index: number, count: number): void {
+    this.p?.layer?.(index, count);
+  }
+
+  /** Ends the phase: what it did not need to read (layers with no file left) counts as done. */
+  end(): void {
+    const phase = this.#phase;
+    if (phase === undefined) return;
+    if (this.#done < this.#total) this.onBytes?.(this.#total - this.#done);
+    this.#phase = undefined;
+    this.#total = this.#done = 0;
+    this.p?.phaseEnd?.(phase);
+  }
 }
 
-/** The uncompressed, diff-ID-checked stream of layer i of an image in the store. */
-function openLayer(store: Store, image: ImageRecord, i: number): AsyncIterable<Buffer> {
-  const layer = image.layers[i]!;
-  return openLayerStream(openBlob(store, layer.digest), {
-    diffId: layer.diffId ?? undefined,
-    label: layerLabel(image, i),
-  });
+/**
+ * Decompressed bytes pass 1 may keep in temp files for pass 2 (src/layers/files.ts): a twentieth
+ * of the memory, at most 2 GiB, so they stay in the page cache (below the kernel's threshold for
+ * background writeback) and are gone before they would reach the disk.
+ */
+function spoolBudget(): number {
+  return Math.min(totalmem() / 20, 2 * 1024 ** 3);
 }
+
+/** Layers whose headers pass 1 reads at once (two cores: one big layer and the small ones beside it). */
+const PASS1_AHEAD = 2;
 
 /** Pass 1: every layer's tar headers merged into one tree (whiteouts applied). */
-export async function mergedTree(store: Store, image: ImageRecord): Promise<Inode> {
+async function mergedTree(files: LayerFiles, image: ImageRecord, report: Reporter): Promise<Inode> {
   const builder = new TreeBuilder({ fixedTime: IMPLICIT_DIR_TIME });
-  // The next layer is decompressed and read while this one merges: zlib and zstd run on the thread
-  // pool, so two layers use both cores. Only headers are kept, one layer ahead at most.
+  // Layers are read PASS1_AHEAD at a time while the finished ones merge in order: gzip inflates on
+  // the thread pool, so a small layer is read beside a big one instead of after it. Only headers
+  // are kept.
+  const reads: Promise<LayerEntry[]>[] = [];
   const read = (i: number) => {
-    const p = layerHeaders(store, image, i);
+    if (i >= image.layers.length) return;
+    const p = layerHeaders(files, image, i, report);
     // Awaited later; until then a failure must not count as unhandled.
     p.catch(() => {});
-    return p;
+    reads[i] = p;
   };
-  let next = read(0);
+  for (let i = 0; i < PASS1_AHEAD; i++) read(i);
   for (let i = 0; i < image.layers.length; i++) {
-    const entries = await next;
-    if (i + 1 < image.layers.length) next = read(i + 1);
+    report.layer(i, image.layers.length);
+    const entries = await reads[i]!;
+    delete reads[i];
+    read(i + PASS1_AHEAD);
     await builder.addLayer(i, entries);
   }
   return builder.finish();
 }
 
-/** One layer's entries without their data (read and verified to the end, diff ID included). */
-async function layerHeaders(store: Store, image: ImageRecord, i: number): Promise<LayerEntry[]> {
+/** One layer's entries without their data (a compressed layer read and verified to the end). */
+async function layerHeaders(
+  files: LayerFiles,
+  image: ImageRecord,
+  i: number,
+  report: Reporter,
+): Promise<LayerEntry[]> {
   const entries: LayerEntry[] = [];
-  for await (const e of readTar(openLayer(store, image, i), { label: layerLabel(image, i) })) {
+  const tar = await files.tar(i, "headers", report.onBytes);
+  for await (const e of readTar(tar, { label: layerLabel(image, i) })) {
     entries.push({ header: e.header, offset: e.offset, stored: e.stored, sparse: e.sparse });
   }
   return entries;
 }
 
-/** Pass 2's source of file bytes: each layer read once more, in order. */
-export function layerContent(store: Store, image: ImageRecord): ContentSource {
-  return new LayerContent(async (i) => openLayer(store, image, i));
+/** Pass 2's source of file bytes: the layers read once more, in order. */
+function layerContent(
+  files: LayerFiles,
+  image: ImageRecord,
+  report: Reporter,
+  reportLayers = true,
+): ContentSource {
+  return new LayerContent(async (i) => {
+    if (reportLayers) report.layer(i, image.layers.length);
+    return files.tar(i, "content", report.onBytes);
+  });
 }
 
 export interface ExportResult {
@@ -153,6 +216,24 @@ export interface ExportResult {
   file: string;
   /** True when it came from the cache. */
   cached: boolean;
+  /** Bytes written to `output`, when one was given. */
+  bytes?: number | undefined;
+  /**
+   * Written (and copied to `output`, which is durable) but not yet fsynced itself: recorded under
+   * its pending path, trusted by later exports of this boot only, which fsync and rename it first.
+   * Only when an `output` was given.
+   */
+  pending?: boolean | undefined;
+}
+
+export interface ExportExtras {
+  progress?: ExportProgress | undefined;
+  /**
+   * Also write the result here (replaced atomically and fsynced, see copyArtifact). Given here
+   * rather than copied by the caller afterwards, the export waits for one image to reach the disk,
+   * not two: the store's copy is left pending (see ExportResult.pending).
+   */
+  output?: string | undefined;
 }
 
 /** Builds (or finds in the cache) the artifact for an image in the store. */
@@ -160,6 +241,7 @@ export async function exportArtifact(
   store: Store,
   image: ImageRecord,
   opts: ExportOptions,
+  extras: ExportExtras = {},
 ): Promise<ExportResult> {
   if (!EXPORT_FORMATS.includes(opts.format)) {
     throw new KilnError(
@@ -167,39 +249,144 @@ export async function exportArtifact(
       `unknown format "${opts.format}"; expected ${EXPORT_FORMATS.join(", ")}`,
     );
   }
+  const report = new Reporter(extras.progress);
+  const plan = (cached: boolean) =>
+    extras.progress?.start?.({
+      format: opts.format,
+      layers: image.layers.map((l) => ({ digest: l.digest, size: l.size })),
+      cached,
+    });
+  const copyOut = async (file: string, size: number) => {
+    if (extras.output === undefined) return undefined;
+    report.phase("copying", size);
+    const bytes = await copyArtifact(file, extras.output, report.onBytes);
+    report.end();
+    return bytes;
+  };
+
   const { key, options } = artifactKey(image, opts);
+  const final = join(store.artifactsDir, `${key}.${opts.format}`);
+  const record = async (): Promise<ArtifactRecord> =>
+    store.catalog.putArtifact({
+      key,
+      manifestDigest: image.manifestDigest,
+      format: opts.format,
+      options,
+      path: relative(store.root, final),
+      size: await pathSize(final),
+    });
+  const fromCache = async (artifact: ArtifactRecord, file: string): Promise<ExportResult> => {
+    plan(true);
+    const bytes = await copyOut(file, artifact.size);
+    return { artifact, file, cached: true, bytes };
+  };
+
+  const boot = await bootId();
   const existing = store.catalog.getArtifact(key);
   if (existing) {
     const file = join(store.root, existing.path);
-    const st = await stat(file).catch(() => undefined);
-    const size = st?.isDirectory() ? await dirSize(file) : st?.size;
-    if (size === existing.size) return { artifact: existing, file, cached: true };
-    // The record outlived its file (removed by hand): build it again.
+    const size = await pathSize(file).catch(() => undefined);
+    const pendingBoot = pendingBootOf(existing.path);
+    if (size === existing.size && pendingBoot === undefined) return fromCache(existing, file);
+    if (size === existing.size && pendingBoot === boot) {
+      // Left by an earlier export of this boot, written but not fsynced: now it is.
+      try {
+        await fsyncTree(file);
+        await rename(file, final);
+        await fsyncPath(store.artifactsDir);
+        return fromCache(await record(), final);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
+        // Another process took it first.
+        const now = store.catalog.getArtifact(key);
+        if (now && pendingBootOf(now.path) === undefined) return fromCache(now, join(store.root, now.path));
+      }
+    }
+    // The record outlived its file (removed by hand), or a pending artifact outlived its boot (maybe
+    // a crash: its blocks may never have reached the disk): build it again.
     store.catalog.removeArtifact(key);
+    if (pendingBoot !== undefined) await rm(file, { recursive: true, force: true });
   }
 
-  const final = join(store.artifactsDir, `${key}.${opts.format}`);
+  plan(false);
   const tmp = join(store.tmpDir, `export-${key}-${process.pid}-${randomBytes(4).toString("hex")}`);
+  const compressed = image.layers.reduce((n, l) => n + l.size, 0);
+  const files = new LayerFiles(store.blobs, image.layers, (i) => layerLabel(image, i), {
+    spoolPrefix: `${tmp}.spool`,
+    spoolBudget: spoolBudget(),
+  });
   try {
-    if (opts.format === "erofs-layers") await writeLayerImages(store, image, tmp);
-    else await writeFormat(await mergedTree(store, image), layerContent(store, image), tmp, image, opts);
+    try {
+      if (opts.format === "erofs-layers") {
+        report.phase("writing", 2 * compressed);
+        await writeLayerImages(files, image, tmp, report);
+      } else {
+        report.phase("reading", compressed);
+        const root = await mergedTree(files, image, report);
+        report.phase("writing", compressed);
+        await writeFormat(root, layerContent(files, image, report), tmp, image, opts);
+      }
+      report.end();
+    } finally {
+      await files.close();
+    }
+    const size = await pathSize(tmp);
     await mkdir(store.artifactsDir, { recursive: true });
+    if (extras.output !== undefined && boot !== undefined) {
+      // The output is fsynced; the store's copy is left for the kernel to write back, recorded
+      // under a name marking it pending for this boot: the next export that needs it fsyncs and
+      // renames it (above), or, after a reboot, builds it again. So an export waits for one image
+      // to reach the disk, not two.
+      const bytes = await copyOut(tmp, size);
+      const pending = pendingPath(final, boot);
+      await rename(tmp, pending);
+      const artifact = store.catalog.putArtifact({
+        key,
+        manifestDigest: image.manifestDigest,
+        format: opts.format,
+        options,
+        path: relative(store.root, pending),
+        size,
+      });
+      return { artifact, file: pending, cached: false, bytes, pending: true };
+    }
+    // Durable before it is renamed into place and recorded: a crash must never leave a record
+    // pointing at a file whose blocks never reached the disk.
+    const [, bytes] = await Promise.all([fsyncTree(tmp), copyOut(tmp, size)]);
     await rename(tmp, final);
     await fsyncPath(store.artifactsDir);
+    return { artifact: await record(), file: final, cached: false, bytes };
   } catch (err) {
     await rm(tmp, { force: true, recursive: true });
     throw err;
   }
-  const size = opts.format === "erofs-layers" ? await dirSize(final) : (await stat(final)).size;
-  const artifact = store.catalog.putArtifact({
-    key,
-    manifestDigest: image.manifestDigest,
-    format: opts.format,
-    options,
-    path: relative(store.root, final),
-    size,
-  });
-  return { artifact, file: final, cached: false };
+}
+
+/**
+ * This boot's id (Linux). An artifact written but not fsynced is whole in the page cache until the
+ * machine stops, so within one boot it can be trusted and fsynced later; after a reboot (perhaps a
+ * crash) it cannot, and is built again. Elsewhere: undefined, and every artifact is fsynced at once.
+ */
+let bootIdRead: Promise<string | undefined> | undefined;
+function bootId(): Promise<string | undefined> {
+  bootIdRead ??= readFile("/proc/sys/kernel/random/boot_id", "utf8").then(
+    (s) => (/^[0-9a-f-]{32,36}$/.test(s.trim()) ? s.trim() : undefined),
+    () => undefined,
+  );
+  return bootIdRead;
+}
+
+/** Where an artifact waits, not yet fsynced, for a later export of the same boot. */
+function pendingPath(final: string, boot: string): string {
+  return `${final}${PENDING}${boot}`;
+}
+
+const PENDING = ".pending-";
+
+/** The boot a pending artifact's path names; undefined for a published one. */
+function pendingBootOf(path: string): string | undefined {
+  const at = path.lastIndexOf(PENDING);
+  return at < 0 ? undefined : path.slice(at + PENDING.length);
 }
 
 async function writeFormat(
@@ -241,17 +428,26 @@ export interface LayerImagesList {
  * directories with trusted.overlay.opaque=y) and `layers.json` listing them bottom first, so a guest
  * stacks them with `lowerdir=top:…:bottom`.
  */
-async function writeLayerImages(store: Store, image: ImageRecord, dir: string): Promise<void> {
+async function writeLayerImages(
+  files: LayerFiles,
+  image: ImageRecord,
+  dir: string,
+  report: Reporter,
+): Promise<void> {
   await mkdir(dir);
   const list: LayerImagesList = { manifestDigest: image.manifestDigest, layers: [] };
   // The flattened tree of the layers below, built alongside: parents a layer leaves out take their
   // metadata from it (see LayerTreeOptions.parentsFrom).
   const merged = new TreeBuilder({ fixedTime: IMPLICIT_DIR_TIME });
+  // Layer by layer: the layer was reported when its headers were read.
+  const content = layerContent(files, image, report, false);
   for (let i = 0; i < image.layers.length; i++) {
     const layer = image.layers[i]!;
+    report.layer(i, image.layers.length);
     const below = merged.openLayer(i);
     const own = openLayerTree(i, { fixedTime: IMPLICIT_DIR_TIME, parentsFrom: merged.current });
-    for await (const entry of readTar(openLayer(store, image, i), { label: layerLabel(image, i) })) {
+    const tar = await files.tar(i, "headers", report.onBytes);
+    for await (const entry of readTar(tar, { label: layerLabel(image, i) })) {
       own.add(entry);
       below.add(entry);
     }
@@ -259,7 +455,7 @@ async function writeLayerImages(store: Store, image: ImageRecord, dir: string): 
     const root = own.close();
     below.close();
     const file = `layer-${String(i).padStart(3, "0")}.erofs`;
-    await writeErofs(root, layerContent(store, image), join(dir, file), {
+    await writeErofs(root, content, join(dir, file), {
       uuid: derivedId(`${image.manifestDigest}/${layer.digest}`, "erofs-layer-uuid"),
     });
     list.layers.push({ file, digest: layer.digest, diffId: layer.diffId });
@@ -267,11 +463,9 @@ async function writeLayerImages(store: Store, image: ImageRecord, dir: string): 
   const fh = await open(join(dir, "layers.json"), "wx");
   try {
     await fh.writeFile(`${JSON.stringify(list, null, 2)}\n`);
-    await fh.sync();
   } finally {
     await fh.close();
   }
-  await fsyncPath(dir);
 }
 
 async function dirSize(dir: string): Promise<number> {
@@ -280,57 +474,96 @@ async function dirSize(dir: string): Promise<number> {
   return total;
 }
 
-const BLOCK = 4096;
+/** A file's size, or the sum of the files of a directory (erofs-layers). */
+async function pathSize(path: string): Promise<number> {
+  const st = await stat(path);
+  return st.isDirectory() ? dirSize(path) : st.size;
+}
+
+/** fsyncs a file, or the files of a directory and the directory. */
+async function fsyncTree(path: string): Promise<void> {
+  if ((await stat(path)).isDirectory()) {
+    await Promise.all((await readdir(path)).map((name) => fsyncPath(join(path, name))));
+  }
+  await fsyncPath(path);
+}
+
 const CHUNK = 1 << 20;
 
 /**
- * Copies an artifact to `out` through a temp file beside it, leaving holes where the source has
- * all-zero blocks (disk images are mostly empty), then renames it into place.
+ * Copies an artifact (a file, or the directory of an erofs-layers export) to `out`, replaced
+ * atomically. Where the filesystem can share blocks (btrfs, XFS, bcachefs: FICLONE) the copy is a
+ * clone: no data is written, and the two files still change apart. Elsewhere (ext4) the bytes are
+ * copied, all-zero blocks left as holes. Never a hardlink: the user may change `out` (boot a
+ * writable disk from it), and the cached artifact must stay as it was built.
  */
-/** Copies an artifact (a file, or the directory of an erofs-layers export) to `out`, replacing it. */
-export async function copyArtifact(src: string, out: string): Promise<number> {
-  if (!(await stat(src)).isDirectory()) return copySparse(src, out);
+export async function copyArtifact(
+  src: string,
+  out: string,
+  onBytes?: ((n: number) => void) | undefined,
+): Promise<number> {
+  if (!(await stat(src)).isDirectory())
+    return replaceAtomically(out, (tmp) => cloneOrCopy(src, tmp, onBytes));
   return replaceAtomically(out, async (tmp) => {
     await mkdir(tmp);
     let total = 0;
     for (const name of (await readdir(src)).sort())
-      total += await writeSparseCopy(join(src, name), join(tmp, name));
+      total += await cloneOrCopy(join(src, name), join(tmp, name), onBytes);
     await fsyncPath(tmp);
     return total;
   });
 }
 
-/**
- * Copies a file to `out` (replaced atomically), leaving holes where the source has all-zero blocks
- * (disk images are mostly empty).
- */
-export function copySparse(src: string, out: string): Promise<number> {
-  return replaceAtomically(out, (tmp) => writeSparseCopy(src, tmp));
+/** `dest` (new) with `src`'s bytes, fsynced: a clone where the filesystem can, else a sparse copy. */
+async function cloneOrCopy(
+  src: string,
+  dest: string,
+  onBytes: ((n: number) => void) | undefined,
+): Promise<number> {
+  try {
+    await copyFile(src, dest, constants.COPYFILE_EXCL | constants.COPYFILE_FICLONE_FORCE);
+  } catch {
+    // No clone here (ext4, another filesystem, no support): copy the bytes.
+    await rm(dest, { force: true });
+    return writeSparseCopy(src, dest, onBytes);
+  }
+  await fsyncPath(dest);
+  const size = (await stat(dest)).size;
+  onBytes?.(size);
+  return size;
 }
 
-/** Writes a new file `dest` with `src`'s bytes, zero blocks as holes, fsynced. */
-async function writeSparseCopy(src: string, dest: string): Promise<number> {
+/**
+ * Writes a new file `dest` with `src`'s bytes, zero blocks as holes, fsynced. The next chunk is
+ * read while the current one is written.
+ */
+async function writeSparseCopy(
+  src: string,
+  dest: string,
+  onBytes: ((n: number) => void) | undefined,
+): Promise<number> {
   const input = await open(src, "r");
   try {
     const output = await open(dest, "wx");
     try {
       const size = (await input.stat()).size;
-      const buf = Buffer.alloc(CHUNK);
-      for (let pos = 0; pos < size; ) {
+      const readAt = async (pos: number, buf: Buffer) => {
         const { bytesRead } = await input.read(buf, 0, Math.min(CHUNK, size - pos), pos);
-        if (bytesRead === 0) break;
-        // Write each run of non-zero blocks with one call; zero blocks stay holes.
-        let run = -1;
-        for (let off = 0; off < bytesRead; off += BLOCK) {
-          const zero = isZero(buf, off, Math.min(off + BLOCK, bytesRead));
-          if (!zero && run < 0) run = off;
-          if (zero && run >= 0) {
-            await output.write(buf, run, off - run, pos + run);
-            run = -1;
-          }
-        }
-        if (run >= 0) await output.write(buf, run, bytesRead - run, pos + run);
-        pos += bytesRead;
+        return bytesRead;
+      };
+      let [buf, spare] = [Buffer.alloc(CHUNK), Buffer.alloc(CHUNK)];
+      let pos = 0;
+      let next = size > 0 ? readAt(0, buf) : undefined;
+      while (next) {
+        const n = await next;
+        if (n === 0) break;
+        next = pos + n < size ? readAt(pos + n, spare) : undefined;
+        // A read into the spare buffer is under way: it must not fail unobserved if a write fails.
+        next?.catch(() => {});
+        await writeSparse(output, buf, n, pos);
+        onBytes?.(n);
+        pos += n;
+        [buf, spare] = [spare, buf];
       }
       await output.truncate(size);
       await output.sync();
@@ -341,10 +574,4 @@ async function writeSparseCopy(src: string, dest: string): Promise<number> {
   } finally {
     await input.close();
   }
-}
-
-const ZERO_BLOCK = Buffer.alloc(BLOCK);
-
-function isZero(buf: Buffer, start: number, end: number): boolean {
-  return ZERO_BLOCK.compare(buf, start, end, 0, end - start) === 0;
 }

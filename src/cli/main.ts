@@ -1,9 +1,11 @@
 import { Command, CommanderError, Option } from "commander";
+import type { ExportProgress } from "../build/export.js";
 import { EXPORT_FORMATS, type ExportFormat } from "../build/formats.js";
 import { KilnError, toKilnError } from "../errors.js";
 import {
   createDisk,
   describeImage,
+  type ExportImageOptions,
   type ExportImageResult,
   exportImage,
   type ImageRecord,
@@ -17,6 +19,7 @@ import {
 import { parseReference, refName } from "../reference/reference.js";
 import { parsePlatform } from "../registry/platform.js";
 import type { BuildRow } from "../store/builds.js";
+import { bootCommand, initramfsCommand, vmConfigCommand } from "./boot.js";
 import {
   abortOnSignal,
   collect,
@@ -101,7 +104,10 @@ export function buildProgram(): Command {
         progress?.stop?.();
       }
       if (exportOpts) {
-        const r = await exportImage(result.image.manifestDigest, o.output, { root: g.root, ...exportOpts });
+        const r = await exportWithProgress(g, result.image.manifestDigest, o.output, {
+          root: g.root,
+          ...exportOpts,
+        });
         if (g.json) json({ ...pullJson(result), export: exportJson(r) });
         else if (!g.quiet) {
           out(summary(result, "Pulled"));
@@ -157,7 +163,7 @@ export function buildProgram(): Command {
     .option("--platform <os/arch[/variant]>", "which platform, when the store holds several for the ref")
     .action(async (ref: string, o, cmd: Command) => {
       const g = globals(cmd);
-      const r = await exportImage(ref, o.output, {
+      const r = await exportWithProgress(g, ref, o.output, {
         root: g.root,
         ...exportFlags(o),
         platform: o.platform ? parsePlatform(o.platform) : undefined,
@@ -254,6 +260,9 @@ export function buildProgram(): Command {
 
   program.addCommand(gcCommand());
   program.addCommand(serveCommand());
+  program.addCommand(initramfsCommand());
+  program.addCommand(vmConfigCommand());
+  program.addCommand(bootCommand());
 
   return program;
 }
@@ -287,6 +296,28 @@ function exportFlags(o: {
     free: sizeFlag("--free", o.free),
     journal: o.journal === true,
   };
+}
+
+/**
+ * exportImage with progress on a TTY (bars) or with --verbose (lines); nothing with --json or
+ * --quiet. The progress module loads only when it will draw something.
+ */
+async function exportWithProgress(
+  g: GlobalOptions,
+  ref: string,
+  output: string,
+  opts: ExportImageOptions,
+): Promise<ExportImageResult> {
+  let progress: (ExportProgress & { stop?(): void }) | undefined;
+  if (!g.json && !g.quiet && (process.stderr.isTTY || g.verbose)) {
+    const { lineExportProgress, ttyExportProgress } = await import("./progress.js");
+    progress = process.stderr.isTTY ? ttyExportProgress(process.stderr) : lineExportProgress(process.stderr);
+  }
+  try {
+    return await exportImage(ref, output, { ...opts, progress });
+  } finally {
+    progress?.stop?.();
+  }
 }
 
 function parseCompress(v: string | undefined): "gzip" | "none" {

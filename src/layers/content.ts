@@ -1,21 +1,25 @@
 /**
  * File bytes for the writers, read back from the layers: files come in dataOrder (layer, then
  * offset), so each needed layer is decompressed once, front to back, skipping what lies between
- * files. The layer stream is read to its end, so its diff ID is checked again in this pass.
+ * files. A layer stream is read to its end, so its diff ID is checked again in this pass; a layer
+ * given as a ByteSource over a file skips what lies between files without reading it.
  */
 import { KilnError } from "../errors.js";
 import type { ContentSource, Inode } from "../fs/tree.js";
-import { ByteReader, sparseContent } from "../tar/reader.js";
+import { ByteReader, type ByteSource, isByteSource, sparseContent } from "../tar/reader.js";
 
-/** Opens layer `index`'s uncompressed tar stream (e.g. openLayerStream over its blob). */
-export type OpenLayer = (index: number) => Promise<AsyncIterable<Buffer>>;
+/**
+ * Opens layer `index`'s uncompressed tar: a stream (e.g. openLayerStream over its blob), or a
+ * ByteSource (e.g. a FileByteSource over an uncompressed blob).
+ */
+export type OpenLayer = (index: number) => Promise<AsyncIterable<Buffer> | ByteSource>;
 
 export class LayerContent implements ContentSource {
   constructor(private readonly openLayer: OpenLayer) {}
 
   async *contents(files: readonly Inode[]): AsyncIterable<{ inode: Inode; data: AsyncIterable<Buffer> }> {
     let layer = -1;
-    let reader: ByteReader | undefined;
+    let reader: ByteSource | undefined;
     const truncated = (what: string) =>
       new KilnError("INVALID_ARCHIVE", `layer ${layer}: stream ends before ${what}`);
     try {
@@ -32,7 +36,8 @@ export class LayerContent implements ContentSource {
           if (reader) await reader.drain();
           await reader?.close();
           layer = ref.layer;
-          reader = new ByteReader(await this.openLayer(layer), truncated);
+          const input = await this.openLayer(layer);
+          reader = isByteSource(input) ? input : new ByteReader(input, truncated);
         }
         const r = reader!;
         if (ref.offset < r.position) throw outOfOrder(ref.layer, ref.offset);

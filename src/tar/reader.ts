@@ -55,10 +55,33 @@ function invalid(message: string): KilnError {
 }
 
 /**
+ * What the tar reader needs of its input: exact reads and skips, counting the bytes consumed. A
+ * ByteReader over a stream, or a FileByteSource (src/tar/file-source.ts) over a file read by position.
+ */
+export interface ByteSource {
+  /** Bytes consumed so far: the offset of the next byte. */
+  readonly position: number;
+  /** Exactly `n` contiguous bytes; null at a clean end before them, `truncated(what)` inside them. */
+  read(n: number, what: string): Promise<Buffer | null>;
+  /** Exactly `n` bytes or `truncated(what)`. */
+  readExact(n: number, what: string): Promise<Buffer>;
+  /** Yields exactly `n` bytes (chunks the consumer may keep). */
+  take(n: number, what: string): AsyncGenerator<Buffer>;
+  /** Discards exactly `n` bytes. */
+  skip(n: number, what: string): Promise<void>;
+  /** Skips up to `n` bytes; false when the input ended first (not an error). */
+  skipToEnd(n: number): Promise<boolean>;
+  /** Consumes the input to its end (a digest-checking stream checks there). */
+  drain(): Promise<void>;
+  /** Stops reading: releases the input. */
+  close(): Promise<void>;
+}
+
+/**
  * Exact reads over an async stream of chunks, counting the bytes consumed. Chunks are handed on as
  * slices, not copied, except where a whole block must be contiguous.
  */
-export class ByteReader {
+export class ByteReader implements ByteSource {
   private readonly it: AsyncIterator<Buffer>;
   private chunk: Buffer = EMPTY;
   private ended = false;
@@ -237,7 +260,7 @@ const MAX_SPARSE_REGIONS = MAX_META_SIZE / 4;
  * size per region), padded to a block. Returns the map and the bytes it occupied.
  */
 async function readPax1Map(
-  src: ByteReader,
+  src: ByteSource,
   available: number,
   what: string,
 ): Promise<{ map: SparseRegion[]; bytes: number }> {
@@ -283,14 +306,14 @@ async function readPax1Map(
  * map → INVALID_ARCHIVE prefixed with `label`. Checking paths is the caller's business.
  */
 export async function* readTar(
-  input: AsyncIterable<Buffer>,
+  input: AsyncIterable<Buffer> | ByteSource,
   opts: ReadTarOptions = {},
 ): AsyncGenerator<TarEntry> {
   const relabel = (err: unknown): unknown =>
     opts.label && isKilnError(err, "INVALID_ARCHIVE")
       ? new KilnError("INVALID_ARCHIVE", `${opts.label}: ${err.message}`, { cause: err })
       : err;
-  const src = new ByteReader(input);
+  const src = isByteSource(input) ? input : new ByteReader(input);
   try {
     yield* entries(src, relabel);
   } catch (err) {
@@ -298,6 +321,10 @@ export async function* readTar(
   } finally {
     await src.close();
   }
+}
+
+export function isByteSource(x: AsyncIterable<Buffer> | ByteSource): x is ByteSource {
+  return typeof (x as ByteSource).take === "function";
 }
 
 /** Errors met while the caller reads an entry's data get the label too. */
@@ -312,7 +339,7 @@ async function* labeled(
   }
 }
 
-async function* entries(src: ByteReader, relabel: (err: unknown) => unknown): AsyncGenerator<TarEntry> {
+async function* entries(src: ByteSource, relabel: (err: unknown) => unknown): AsyncGenerator<TarEntry> {
   const assembler = new HeaderAssembler();
   for (;;) {
     const at = src.position;

@@ -8,6 +8,7 @@
 import { writeSync } from "node:fs";
 import { type FileHandle, open } from "node:fs/promises";
 import { KilnError } from "../../errors.js";
+import { DataStream, isZeroRange } from "../datastream.js";
 import type { ContentSource, Inode } from "../tree.js";
 import { encodeDirBlock } from "./dirent.js";
 import { encodeInode, modeBits } from "./inode.js";
@@ -28,10 +29,6 @@ export interface ErofsOptions {
 
 const CHUNK = 1 << 20;
 const SMALL_WRITE = 64 * 1024;
-const ZERO = Buffer.alloc(CHUNK);
-
-const isZero = (buf: Buffer, start: number, end: number): boolean =>
-  buf.subarray(start, end).equals(ZERO.subarray(0, end - start));
 
 /**
  * Writes buf at `position`. Small writes go straight to the kernel: a thread-pool round trip per
@@ -46,85 +43,6 @@ async function writeAt(fh: FileHandle, buf: Buffer, position: number): Promise<v
   while (done < buf.length) {
     const { bytesWritten } = await fh.write(buf, done, buf.length - done, position + done);
     done += bytesWritten;
-  }
-}
-
-/** Writes buf[0..len) at `position`, skipping all-zero blocks (they stay holes of the file). */
-async function writeSparse(fh: FileHandle, buf: Buffer, len: number, position: number): Promise<void> {
-  let run = -1;
-  for (let i = 0; i < len; i += BLOCK_SIZE) {
-    const end = Math.min(i + BLOCK_SIZE, len);
-    if (isZero(buf, i, end)) {
-      if (run >= 0) await writeAt(fh, buf.subarray(run, i), position + run);
-      run = -1;
-    } else if (run < 0) {
-      run = i;
-    }
-  }
-  if (run >= 0) await writeAt(fh, buf.subarray(run, len), position + run);
-}
-
-/**
- * The data area as one sequential stream: files' blocks are allocated back to back in dataOrder,
- * so their bytes (each file padded to a block) fill 1 MiB buffers whatever the file sizes. Two
- * buffers: one fills while the other is being written.
- */
-class DataStream {
-  #stage = Buffer.alloc(CHUNK);
-  #spare = Buffer.alloc(CHUNK);
-  #fill = 0;
-  #start: number;
-  #pending: Promise<void> = Promise.resolve();
-  #error: unknown;
-
-  constructor(
-    private readonly fh: FileHandle,
-    start: number,
-  ) {
-    this.#start = start;
-  }
-
-  get position(): number {
-    return this.#start + this.#fill;
-  }
-
-  /** Zeros up to `position` (the padding of the previous file's last block). */
-  async seek(position: number): Promise<void> {
-    while (this.position < position) {
-      const n = Math.min(position - this.position, CHUNK - this.#fill);
-      this.#stage.fill(0, this.#fill, this.#fill + n);
-      this.#fill += n;
-      if (this.#fill === CHUNK) await this.#flush();
-    }
-  }
-
-  async put(chunk: Buffer, from: number, to: number): Promise<void> {
-    while (from < to) {
-      const n = Math.min(to - from, CHUNK - this.#fill);
-      chunk.copy(this.#stage, this.#fill, from, from + n);
-      this.#fill += n;
-      from += n;
-      if (this.#fill === CHUNK) await this.#flush();
-    }
-  }
-
-  async end(): Promise<void> {
-    await this.#flush();
-    await this.#pending;
-    if (this.#error) throw this.#error;
-  }
-
-  async #flush(): Promise<void> {
-    await this.#pending;
-    if (this.#error) throw this.#error;
-    const [buf, len, pos] = [this.#stage, this.#fill, this.#start];
-    // A handler now, so a failed write never surfaces as an unhandled rejection.
-    this.#pending = writeSparse(this.fh, buf, len, pos).catch((err: unknown) => {
-      this.#error = err;
-    });
-    [this.#stage, this.#spare] = [this.#spare, this.#stage];
-    this.#start += len;
-    this.#fill = 0;
   }
 }
 
@@ -238,7 +156,7 @@ async function writeContents(fh: FileHandle, layout: Layout, content: ContentSou
         "INVALID_ARCHIVE",
         `content of /${node.path} ended after ${pos} of its ${size} bytes`,
       );
-    if (tail && !isZero(tail, 0, tail.length)) {
+    if (tail && !isZeroRange(tail, 0, tail.length)) {
       const at = layout.metaBlkaddr * BLOCK_SIZE + node.offset + inodeSize(node) + node.xattrs.length;
       await writeAt(fh, tail, at);
     }

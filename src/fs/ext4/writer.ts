@@ -7,6 +7,7 @@
 
 import { type FileHandle, open } from "node:fs/promises";
 import { KilnError } from "../../errors.js";
+import { DataStream, isZeroRange } from "../datastream.js";
 import {
   type ContentSource,
   dataOrder,
@@ -430,51 +431,73 @@ class BlockSink {
   }
 }
 
-/** Streams each file's bytes to its blocks; holes of sparse files must read as zeros. */
-async function writeData(p: Plan, content: ContentSource, sink: BlockSink): Promise<void> {
-  const STAGE_BLOCKS = 256;
-  const stage = Buffer.alloc(STAGE_BLOCKS * BLOCK_SIZE);
+/**
+ * Streams each file's bytes to its blocks. Files' blocks were allocated back to back in dataOrder,
+ * so the data area is written as one sequential stream; holes of sparse files must read as zeros.
+ */
+async function writeData(p: Plan, content: ContentSource, fh: FileHandle): Promise<void> {
+  const first = p.files[0] ? p.byInode.get(p.files[0])!.start : 0;
+  const stream = new DataStream(fh, first * BLOCK_SIZE);
   for await (const { inode, data } of content.contents(p.files)) {
     const node = p.byInode.get(inode);
     if (!node) fail("INTERNAL", "content source yielded a file that is not in the tree");
-    const runs = physicalRuns(node);
-    let run = 0;
     let received = 0;
-    let fill = 0;
-    let stageBlock = 0;
-    const flush = async (): Promise<void> => {
-      const blocks = Math.ceil(fill / BLOCK_SIZE);
-      stage.fill(0, fill, blocks * BLOCK_SIZE);
-      for (let k = 0; k < blocks; k++) {
-        const logical = stageBlock + k;
-        const b = stage.subarray(k * BLOCK_SIZE, (k + 1) * BLOCK_SIZE);
-        while (run < runs.length && runs[run]!.logical + runs[run]!.length <= logical) run++;
-        const r = runs[run];
-        if (!r || r.logical > logical) {
-          if (!ZERO_BLOCK.equals(b)) fail("INTERNAL", `${node.path}: data inside a hole of a sparse file`);
-          continue;
-        }
-        sink.put(r.physical + (logical - r.logical), b);
-      }
-      await sink.drain(); // the stage is reused: its bytes must be written before it is
-      stageBlock += blocks;
-      fill = 0;
-    };
-    for await (const chunk of data) {
+    const check = (chunk: Buffer) => {
       received += chunk.length;
       if (received > inode.size) fail("INTERNAL", `${node.path}: content longer than its size ${inode.size}`);
-      let off = 0;
-      while (off < chunk.length) {
-        const n = chunk.copy(stage, fill, off);
-        off += n;
-        fill += n;
-        if (fill === stage.length) await flush();
+    };
+    if (inode.data?.sparse) {
+      await writeSparseFile(node, data, stream, check);
+    } else {
+      await stream.seek(node.start * BLOCK_SIZE);
+      for await (const chunk of data) {
+        check(chunk);
+        await stream.put(chunk);
       }
     }
     if (received !== inode.size)
       fail("INTERNAL", `${node.path}: content has ${received} bytes, size is ${inode.size}`);
-    if (fill > 0) await flush();
   }
+  await stream.end();
+}
+
+/** A sparse file, block by block: mapped blocks go to the stream, holes must be zeros. */
+async function writeSparseFile(
+  node: Node,
+  data: AsyncIterable<Buffer>,
+  stream: DataStream,
+  check: (chunk: Buffer) => void,
+): Promise<void> {
+  const runs = physicalRuns(node);
+  const block = Buffer.alloc(BLOCK_SIZE);
+  let fill = 0;
+  let logical = 0;
+  let run = 0;
+  const flush = async () => {
+    block.fill(0, fill);
+    while (run < runs.length && runs[run]!.logical + runs[run]!.length <= logical) run++;
+    const r = runs[run];
+    if (!r || r.logical > logical) {
+      if (!isZeroRange(block, 0, BLOCK_SIZE))
+        fail("INTERNAL", `${node.path}: data inside a hole of a sparse file`);
+    } else {
+      await stream.seek((r.physical + (logical - r.logical)) * BLOCK_SIZE);
+      await stream.put(block);
+    }
+    logical++;
+    fill = 0;
+  };
+  for await (const chunk of data) {
+    check(chunk);
+    let off = 0;
+    while (off < chunk.length) {
+      const n = chunk.copy(block, fill, off);
+      off += n;
+      fill += n;
+      if (fill === BLOCK_SIZE) await flush();
+    }
+  }
+  if (fill > 0) await flush();
 }
 
 function inodeBytes(p: Plan, node: Node): Buffer {
@@ -657,9 +680,8 @@ export async function writeExt4(
   const fh = await open(out, "w");
   try {
     await fh.truncate(bytes);
-    const sink = new BlockSink(fh);
-    await writeData(p, content, sink);
-    await writeMetadata(p, opts, sink);
+    await writeData(p, content, fh);
+    await writeMetadata(p, opts, new BlockSink(fh));
   } finally {
     await fh.close();
   }
