@@ -126,7 +126,7 @@ export class LayerFiles {
     if (raw) {
       return new FileByteSource(fh, size, {
         window: pass === "headers" ? HEADER_WINDOW : READ_CHUNK,
-        readAhead: pass === "content",
+        readAhead: pass === "content" ? true : "sequential",
         onAdvance: onBytes,
       });
     }

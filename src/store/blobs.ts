@@ -208,6 +208,8 @@ class DirStaging implements Staging {
     const file = join(this.dir, `${hex}.${this.#seq++}`);
     const hash = createHash("sha256");
     let n = 0;
+    // A large buffer lets the stream batch network chunks into few writev calls.
+    const out = createWriteStream(file, { flags: "wx", highWaterMark: 4 << 20 });
     try {
       await pipeline(
         input,
@@ -226,8 +228,7 @@ class DirStaging implements Staging {
             yield chunk;
           }
         },
-        // A large buffer lets the stream batch network chunks into few writev calls.
-        createWriteStream(file, { flags: "wx", highWaterMark: 4 << 20 }),
+        out,
       );
       const actual = `sha256:${hash.digest("hex")}`;
       if (expected.size !== undefined && n !== expected.size) {
@@ -245,6 +246,9 @@ class DirStaging implements Staging {
       // Durable now, while other downloads still run, rather than all at once in commit.
       await fsyncPath(file);
     } catch (err) {
+      // The stream opens its file asynchronously: an input that fails at once can reject the
+      // pipeline before the open, which would then create the file after the rm below.
+      if (!out.closed) await new Promise<void>((resolve) => out.once("close", () => resolve()));
       await rm(file, { force: true });
       throw err;
     }

@@ -15,8 +15,12 @@ import type { ByteSource } from "./reader.js";
 export interface FileSourceOptions {
   /** Bytes read at once (default 1 MiB). Small for a header scan, large to read file data. */
   readonly window?: number | undefined;
-  /** Read the next window while the current one is used (default true; off for a header scan). */
-  readonly readAhead?: boolean | undefined;
+  /**
+   * Read the next window while the current one is used: always (default), or "sequential": only
+   * once the reader came to a window's end in order (a header scan over small files; over big
+   * files it jumps past the next window, which would be read for nothing).
+   */
+  readonly readAhead?: boolean | "sequential" | undefined;
   /** Told every move forward (read or skipped bytes), for progress. */
   readonly onAdvance?: ((n: number) => void) | undefined;
   /** The error for a file that ends inside something (`what`). */
@@ -28,7 +32,7 @@ export class FileByteSource implements ByteSource {
   readonly #size: number;
   readonly #windowSize: number;
   readonly #truncated: (what: string) => KilnError;
-  readonly #readAhead: boolean;
+  readonly #readAhead: boolean | "sequential";
   readonly #onAdvance: ((n: number) => void) | undefined;
   #window: Buffer = Buffer.alloc(0);
   #windowStart = 0;
@@ -87,6 +91,7 @@ export class FileByteSource implements ByteSource {
     const start = this.position;
     const ahead = this.#ahead;
     this.#ahead = undefined;
+    const inOrder = start === this.#windowStart + this.#window.length;
     if (ahead && ahead.start <= start && start + n <= ahead.end) {
       this.#window = await ahead.read;
       this.#windowStart = ahead.start;
@@ -95,7 +100,8 @@ export class FileByteSource implements ByteSource {
       this.#windowStart = start;
     }
     const next = this.#windowStart + this.#window.length;
-    if (this.#readAhead && next < this.#size) {
+    const readAhead = this.#readAhead === "sequential" ? inOrder : this.#readAhead;
+    if (readAhead && next < this.#size) {
       const end = Math.min(next + this.#windowSize, this.#size);
       this.#ahead = { start: next, end, read: this.#readAt(next, end - next) };
     }
