@@ -6,6 +6,7 @@
  * ever `ready` once it was published whole (exportArtifact renames it into place before recording).
  */
 import { EventEmitter } from "node:events";
+import { rm } from "node:fs/promises";
 import { cpus } from "node:os";
 import { join } from "node:path";
 import { KilnError, toKilnError } from "../errors.js";
@@ -185,7 +186,6 @@ export class ImageManager extends EventEmitter<ManagerEvents> {
       const artifact = this.store.catalog.getArtifact(b.artifactKey);
       if (!artifact) continue;
       this.store.catalog.removeArtifact(artifact.key);
-      const { rm } = await import("node:fs/promises");
       await rm(join(this.store.root, artifact.path), { recursive: true, force: true });
     }
     if (opts.format === undefined) {

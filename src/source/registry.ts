@@ -3,16 +3,7 @@ import type { Readable } from "node:stream";
 import { KilnError } from "../errors.js";
 import { formatReference, type ImageRef, refIdentifier } from "../reference/reference.js";
 import type { RegistryClient } from "../registry/client.js";
-import {
-  type Descriptor,
-  type ImageIndex,
-  type ImageManifest,
-  layerCompression,
-  MediaType,
-  parseConfig,
-  parseManifest,
-  selectPlatform,
-} from "../registry/manifest.js";
+import { type Descriptor, type ImageManifest, parseManifest } from "../registry/manifest.js";
 import {
   formatPlatform,
   hostPlatform,
@@ -20,11 +11,11 @@ import {
   type Platform,
   platformMatches,
 } from "../registry/platform.js";
+import { resolveDocuments } from "./resolve.js";
 import type { ImageSource, OpenBlobOptions, RawDocument, ResolvedImage, ResolveOptions } from "./types.js";
 
 /** Largest image config accepted. */
 export const MAX_CONFIG_BYTES = 8 * 1024 * 1024;
-const CONFIG_TYPES = new Set<string>([MediaType.OCI_CONFIG, MediaType.DOCKER_CONFIG]);
 
 export class RegistrySource implements ImageSource {
   readonly origin: string;
@@ -41,36 +32,15 @@ export class RegistrySource implements ImageSource {
   async resolve(opts: ResolveOptions = {}): Promise<ResolvedImage> {
     const signal = opts.signal;
     const top = await this.client.getManifest(this.ref, refIdentifier(this.ref), { signal });
-    const parsed = parseManifest(top.bytes, top.mediaType);
-    let index: RawDocument<ImageIndex> | undefined;
-    let manifest: RawDocument<ImageManifest>;
-    let chosen: Platform | undefined;
-    if (parsed.kind === "index") {
-      index = { digest: top.digest, mediaType: parsed.mediaType, bytes: top.bytes, parsed };
-      const desc = selectPlatform(parsed, opts.platform ?? hostPlatform(), this.origin);
-      chosen = desc.platform;
-      manifest = await this.fetchManifest(desc, signal, opts.known);
-    } else {
-      manifest = { digest: top.digest, mediaType: parsed.mediaType, bytes: top.bytes, parsed };
-    }
-
-    const configDesc = manifest.parsed.config;
-    if (!CONFIG_TYPES.has(configDesc.mediaType)) {
-      throw new KilnError(
-        "UNSUPPORTED_MEDIA_TYPE",
-        `${this.origin} is not a container image: its config has media type "${configDesc.mediaType}"`,
-      );
-    }
-    for (const layer of manifest.parsed.layers) layerCompression(layer.mediaType);
-    const configBytes =
-      (await opts.known?.(configDesc.digest)) ??
-      (await this.client.getBlob(this.ref, configDesc, MAX_CONFIG_BYTES, { signal }));
-    const config: ResolvedImage["config"] = {
-      digest: configDesc.digest,
-      mediaType: configDesc.mediaType,
-      bytes: configBytes,
-      parsed: parseConfig(configBytes),
-    };
+    const { index, manifest, config, chosen } = await resolveDocuments(
+      top,
+      this.origin,
+      opts.platform,
+      (desc) => this.fetchManifest(desc, signal, opts.known),
+      async (desc) =>
+        (await opts.known?.(desc.digest)) ??
+        (await this.client.getBlob(this.ref, desc, MAX_CONFIG_BYTES, { signal })),
+    );
 
     const c = config.parsed;
     const declared =

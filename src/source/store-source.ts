@@ -5,25 +5,16 @@
 import type { Readable } from "node:stream";
 import { KilnError } from "../errors.js";
 import { formatReference, type ImageRef, refName } from "../reference/reference.js";
-import {
-  type Descriptor,
-  type ImageIndex,
-  type ImageManifest,
-  layerCompression,
-  MediaType,
-  parseConfig,
-  parseManifest,
-  selectPlatform,
-} from "../registry/manifest.js";
+import { type Descriptor, type ImageManifest, parseManifest } from "../registry/manifest.js";
 import { formatPlatform, hostPlatform, normalizePlatform, type Platform } from "../registry/platform.js";
 import type { Catalog } from "../store/catalog.js";
 import type { Store } from "../store/store.js";
 import { checkPlatform } from "./archive-image.js";
+import { resolveDocuments } from "./resolve.js";
 import type { ImageSource, OpenBlobOptions, RawDocument, ResolvedImage, ResolveOptions } from "./types.js";
 
 /** Largest index, manifest or config read from the store. */
 const MAX_DOCUMENT_BYTES = 16 * 1024 * 1024;
-const CONFIG_TYPES = new Set<string>([MediaType.OCI_CONFIG, MediaType.DOCKER_CONFIG]);
 
 /** The top document (index or manifest) of an image in the store. */
 export interface StoreTarget {
@@ -74,34 +65,13 @@ export class StoreSource implements ImageSource {
 
   async resolve(opts: ResolveOptions = {}): Promise<ResolvedImage> {
     const top = await this.top();
-    const parsed = parseManifest(top.bytes, top.mediaType);
-    let index: RawDocument<ImageIndex> | undefined;
-    let manifest: RawDocument<ImageManifest>;
-    let chosen: Platform | undefined;
-    if (parsed.kind === "index") {
-      index = { digest: top.digest, mediaType: parsed.mediaType, bytes: top.bytes, parsed };
-      const desc = selectPlatform(parsed, opts.platform ?? hostPlatform(), this.origin);
-      chosen = desc.platform;
-      manifest = await this.childManifest(desc);
-    } else {
-      manifest = { digest: top.digest, mediaType: parsed.mediaType, bytes: top.bytes, parsed };
-    }
-
-    const configDesc = manifest.parsed.config;
-    if (!CONFIG_TYPES.has(configDesc.mediaType)) {
-      throw new KilnError(
-        "UNSUPPORTED_MEDIA_TYPE",
-        `${this.origin} is not a container image: its config has media type "${configDesc.mediaType}"`,
-      );
-    }
-    for (const layer of manifest.parsed.layers) layerCompression(layer.mediaType);
-    const configBytes = await this.document(configDesc);
-    const config: ResolvedImage["config"] = {
-      digest: configDesc.digest,
-      mediaType: configDesc.mediaType,
-      bytes: configBytes,
-      parsed: parseConfig(configBytes),
-    };
+    const { index, manifest, config, chosen } = await resolveDocuments(
+      top,
+      this.origin,
+      opts.platform,
+      (desc) => this.childManifest(desc),
+      (desc) => this.document(desc),
+    );
 
     const c = config.parsed;
     let platform: Platform;
