@@ -13,6 +13,7 @@ import type { ExportProgress, LayerImagesList } from "./build/export.js";
 import type { ExportFormat } from "./build/formats.js";
 import { checkOutputDir, replaceAtomically } from "./build/publish.js";
 import { KilnError } from "./errors.js";
+import type { HeaderPrefetch } from "./layers/prefetch.js";
 import { parseReference } from "./reference/reference.js";
 import { parseConfig } from "./registry/manifest.js";
 import { formatPlatform, hostPlatform, type Platform } from "./registry/platform.js";
@@ -226,30 +227,71 @@ export interface ExportImageResult {
 }
 
 /**
- * Writes an image of the store as a filesystem to `out` (replaced atomically). The artifact is
- * cached in the store, so exporting the same image with the same options again is a copy.
+ * Writes an image of the store as a filesystem to `out` (replaced atomically), or, without `out`,
+ * into the store's artifact cache (the result's `out` is then the cached file). A cached artifact is
+ * copied (cloned where the filesystem can); a new one is written to `out` directly.
  */
 export async function exportImage(
   arg: string,
-  out: string,
+  out: string | undefined,
   opts: ExportImageOptions,
 ): Promise<ExportImageResult> {
-  const { exportArtifact } = await import("./build/export.js");
   // Before the work, not after it.
-  await checkOutputDir(out);
+  if (out !== undefined) await checkOutputDir(out);
+  return withStore(opts, async (store) => exportInStore(store, lookup(store, arg, opts.platform), out, opts));
+}
+
+async function exportInStore(
+  store: Store,
+  image: ImageRecord,
+  out: string | undefined,
+  opts: ExportImageOptions,
+  prefetch?: HeaderPrefetch,
+): Promise<ExportImageResult> {
+  const { exportArtifact } = await import("./build/export.js");
+  const options = {
+    format: opts.format,
+    compress: opts.compress,
+    size: opts.size,
+    free: opts.free,
+    journal: opts.journal,
+  };
+  const r = await exportArtifact(store, image, options, { output: out, progress: opts.progress, prefetch });
+  const bytes = out !== undefined ? (r.bytes ?? 0) : (r.artifact?.size ?? 0);
+  return { image, out: out ?? r.file, bytes, format: opts.format, cached: r.cached };
+}
+
+export interface PullExportOptions extends PullOptions {
+  export: Omit<ExportImageOptions, keyof LookupOptions>;
+  /** Called once the image is in the store, before the export's remaining work. */
+  onPulled?: ((result: IngestResult) => void) | undefined;
+}
+
+/**
+ * `pull` then `exportImage`, with the export's first pass (decompression, diff ID check, tar headers)
+ * run on each layer as it downloads rather than after: so the two overlap.
+ */
+export async function pullAndExport(
+  reference: string,
+  out: string | undefined,
+  opts: PullExportOptions,
+): Promise<{ pulled: IngestResult; exported: ExportImageResult }> {
+  const ref = parseReference(reference);
+  const [{ pullInto }, { prefetchFor }] = await Promise.all([
+    import("./source/pull.js"),
+    import("./build/export.js"),
+  ]);
+  if (out !== undefined) await checkOutputDir(out);
   return withStore(opts, async (store) => {
-    const image = lookup(store, arg, opts.platform);
-    const options = {
-      format: opts.format,
-      compress: opts.compress,
-      size: opts.size,
-      free: opts.free,
-      journal: opts.journal,
-    };
-    // exportArtifact writes `out` too: the copy overlaps the fsync of the cached artifact.
-    const result = await exportArtifact(store, image, options, { output: out, progress: opts.progress });
-    const bytes = result.bytes ?? 0;
-    return { image, out, bytes, format: opts.format, cached: result.cached };
+    const prefetch = prefetchFor(store, opts.export.format);
+    try {
+      const pulled = await pullInto(store, ref, { ...opts, tap: prefetch?.tap });
+      opts.onPulled?.(pulled);
+      const exported = await exportInStore(store, pulled.image, out, opts.export, prefetch);
+      return { pulled, exported };
+    } finally {
+      await prefetch?.close();
+    }
   });
 }
 

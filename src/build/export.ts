@@ -20,6 +20,7 @@ import type { ContentSource, Inode } from "../fs/tree.js";
 import { LayerContent } from "../layers/content.js";
 import { LayerFiles } from "../layers/files.js";
 import { type LayerEntry, openLayerTree, TreeBuilder } from "../layers/merge.js";
+import { HeaderPrefetch } from "../layers/prefetch.js";
 import { fsyncPath } from "../store/blobs.js";
 import type { ArtifactRecord, ImageRecord } from "../store/catalog.js";
 import type { Store } from "../store/store.js";
@@ -150,15 +151,33 @@ class Reporter {
  * of the memory, at most 2 GiB, so they stay in the page cache (below the kernel's threshold for
  * background writeback) and are gone before they would reach the disk.
  */
-function spoolBudget(): number {
+export function spoolBudget(): number {
   return Math.min(totalmem() / 20, 2 * 1024 ** 3);
+}
+
+/**
+ * Pass 1 of an export of `format`, to run on each layer while a pull downloads it (hand its `tap` to
+ * the pull, then the prefetch to exportArtifact, and close it after). None for erofs-layers, which
+ * reads each layer beside writing it.
+ */
+export function prefetchFor(store: Store, format: ExportFormat): HeaderPrefetch | undefined {
+  if (format === "erofs-layers") return undefined;
+  return new HeaderPrefetch({
+    spoolPrefix: join(store.tmpDir, `prefetch-${process.pid}-${randomBytes(4).toString("hex")}`),
+    spoolBudget: spoolBudget(),
+  });
 }
 
 /** Layers whose headers pass 1 reads at once (two cores: one big layer and the small ones beside it). */
 const PASS1_AHEAD = 2;
 
 /** Pass 1: every layer's tar headers merged into one tree (whiteouts applied). */
-async function mergedTree(files: LayerFiles, image: ImageRecord, report: Reporter): Promise<Inode> {
+async function mergedTree(
+  files: LayerFiles,
+  image: ImageRecord,
+  report: Reporter,
+  prefetch: HeaderPrefetch | undefined,
+): Promise<Inode> {
   const builder = new TreeBuilder({ fixedTime: IMPLICIT_DIR_TIME });
   // Layers are read PASS1_AHEAD at a time while the finished ones merge in order: gzip inflates on
   // the thread pool, so a small layer is read beside a big one instead of after it. Only headers
@@ -166,7 +185,7 @@ async function mergedTree(files: LayerFiles, image: ImageRecord, report: Reporte
   const reads: Promise<LayerEntry[]>[] = [];
   const read = (i: number) => {
     if (i >= image.layers.length) return;
-    const p = layerHeaders(files, image, i, report);
+    const p = layerHeaders(files, image, i, report, prefetch);
     // Awaited later; until then a failure must not count as unhandled.
     p.catch(() => {});
     reads[i] = p;
@@ -188,7 +207,16 @@ async function layerHeaders(
   image: ImageRecord,
   i: number,
   report: Reporter,
+  prefetch: HeaderPrefetch | undefined,
 ): Promise<LayerEntry[]> {
+  const pre = prefetch?.take(image.layers[i]!.digest);
+  if (pre) {
+    // Read during the pull: only its spool (if any) is left to take over.
+    const { entries, spool } = await pre;
+    if (spool) files.adoptSpool(i, spool);
+    report.onBytes?.(image.layers[i]!.size);
+    return entries;
+  }
   const entries: LayerEntry[] = [];
   const tar = await files.tar(i, "headers", report.onBytes);
   for await (const e of readTar(tar, { label: layerLabel(image, i) })) {
@@ -211,27 +239,29 @@ function layerContent(
 }
 
 export interface ExportResult {
-  artifact: ArtifactRecord;
-  /** Absolute path of the artifact in the store. */
+  /** The store's copy; none when the result was written to an `output` the store could not clone. */
+  artifact: ArtifactRecord | undefined;
+  /** Absolute path of the result: the store's copy, else the output. */
   file: string;
   /** True when it came from the cache. */
   cached: boolean;
   /** Bytes written to `output`, when one was given. */
   bytes?: number | undefined;
   /**
-   * Written (and copied to `output`, which is durable) but not yet fsynced itself: recorded under
-   * its pending path, trusted by later exports of this boot only, which fsync and rename it first.
-   * Only when an `output` was given.
+   * The store's clone of a fresh `output` (which is durable), not yet fsynced itself: recorded
+   * under its pending path, trusted by later exports of this boot only, which fsync and rename it.
    */
   pending?: boolean | undefined;
 }
 
 export interface ExportExtras {
   progress?: ExportProgress | undefined;
+  /** Pass 1 already run during the pull, for the layers it fetched (flattened formats). */
+  prefetch?: HeaderPrefetch | undefined;
   /**
-   * Also write the result here (replaced atomically and fsynced, see copyArtifact). Given here
-   * rather than copied by the caller afterwards, the export waits for one image to reach the disk,
-   * not two: the store's copy is left pending (see ExportResult.pending).
+   * Write the result here (replaced atomically and fsynced): a cached artifact is copied (cloned
+   * where the filesystem can); a new one is written here directly, and kept in the store only as a
+   * clone (see keepClone).
    */
   output?: string | undefined;
 }
@@ -309,57 +339,109 @@ export async function exportArtifact(
   }
 
   plan(false);
-  const tmp = join(store.tmpDir, `export-${key}-${process.pid}-${randomBytes(4).toString("hex")}`);
   const compressed = image.layers.reduce((n, l) => n + l.size, 0);
-  const files = new LayerFiles(store.blobs, image.layers, (i) => layerLabel(image, i), {
-    spoolPrefix: `${tmp}.spool`,
-    spoolBudget: spoolBudget(),
-  });
-  try {
+  const build = async (dest: string, tmpPrefix: string) => {
+    const files = new LayerFiles(store.blobs, image.layers, (i) => layerLabel(image, i), {
+      spoolPrefix: `${tmpPrefix}.spool`,
+      spoolBudget: extras.prefetch?.budget ?? spoolBudget(),
+    });
     try {
       if (opts.format === "erofs-layers") {
         report.phase("writing", 2 * compressed);
-        await writeLayerImages(files, image, tmp, report);
+        await writeLayerImages(files, image, dest, report);
       } else {
         report.phase("reading", compressed);
-        const root = await mergedTree(files, image, report);
+        const root = await mergedTree(files, image, report, extras.prefetch);
         report.phase("writing", compressed);
-        await writeFormat(root, layerContent(files, image, report), tmp, image, opts);
+        await writeFormat(root, layerContent(files, image, report), dest, image, opts);
       }
       report.end();
     } finally {
       await files.close();
     }
-    const size = await pathSize(tmp);
-    await mkdir(store.artifactsDir, { recursive: true });
-    if (extras.output !== undefined && boot !== undefined) {
-      // The output is fsynced; the store's copy is left for the kernel to write back, recorded
-      // under a name marking it pending for this boot: the next export that needs it fsyncs and
-      // renames it (above), or, after a reboot, builds it again. So an export waits for one image
-      // to reach the disk, not two.
-      const bytes = await copyOut(tmp, size);
-      const pending = pendingPath(final, boot);
-      await rename(tmp, pending);
-      const artifact = store.catalog.putArtifact({
-        key,
-        manifestDigest: image.manifestDigest,
-        format: opts.format,
-        options,
-        path: relative(store.root, pending),
-        size,
-      });
-      return { artifact, file: pending, cached: false, bytes, pending: true };
-    }
+  };
+  const tmpName = () => join(store.tmpDir, `export-${key}-${process.pid}-${randomBytes(4).toString("hex")}`);
+
+  if (extras.output !== undefined) {
+    // Written once, at the output: a second copy in the store would double what reaches the disk
+    // (an image is often gigabytes). The store keeps one only where the filesystem can share the
+    // blocks (a clone: nothing is written).
+    let kept: ExportResult | undefined;
+    const bytes = await replaceAtomically(extras.output, async (tmp) => {
+      await build(tmp, tmpName());
+      await fsyncTree(tmp);
+      const size = await pathSize(tmp);
+      kept = await keepClone(store, tmp, size, { key, options, final, image, format: opts.format, boot });
+      return size;
+    });
+    return kept ? { ...kept, bytes } : { artifact: undefined, file: extras.output, cached: false, bytes };
+  }
+
+  const tmp = tmpName();
+  try {
+    await build(tmp, tmp);
     // Durable before it is renamed into place and recorded: a crash must never leave a record
     // pointing at a file whose blocks never reached the disk.
-    const [, bytes] = await Promise.all([fsyncTree(tmp), copyOut(tmp, size)]);
+    await fsyncTree(tmp);
+    await mkdir(store.artifactsDir, { recursive: true });
     await rename(tmp, final);
     await fsyncPath(store.artifactsDir);
-    return { artifact: await record(), file: final, cached: false, bytes };
+    return { artifact: await record(), file: final, cached: false };
   } catch (err) {
     await rm(tmp, { force: true, recursive: true });
     throw err;
   }
+}
+
+/**
+ * Keeps a clone of a fresh export (at `src`, fsynced) in the store's cache, where the store's
+ * filesystem can clone it from there (btrfs, XFS); undefined elsewhere. The clone's own metadata is
+ * not fsynced: it is recorded under its pending path (trusted by later exports of this boot, which
+ * fsync and publish it).
+ */
+async function keepClone(
+  store: Store,
+  src: string,
+  size: number,
+  a: {
+    key: string;
+    options: string;
+    final: string;
+    image: ImageRecord;
+    format: ExportFormat;
+    boot: string | undefined;
+  },
+): Promise<ExportResult | undefined> {
+  if (a.boot === undefined) return undefined;
+  const pending = pendingPath(a.final, a.boot);
+  const tmp = join(store.tmpDir, `clone-${a.key}-${process.pid}-${randomBytes(4).toString("hex")}`);
+  try {
+    if ((await stat(src)).isDirectory()) {
+      await mkdir(tmp);
+      for (const name of await readdir(src)) await cloneFile(join(src, name), join(tmp, name));
+    } else {
+      await cloneFile(src, tmp);
+    }
+    await mkdir(store.artifactsDir, { recursive: true });
+    await rename(tmp, pending);
+  } catch {
+    // No clones here (ext4, another filesystem, no support), or no room: nothing is kept.
+    await rm(tmp, { recursive: true, force: true });
+    return undefined;
+  }
+  const artifact = store.catalog.putArtifact({
+    key: a.key,
+    manifestDigest: a.image.manifestDigest,
+    format: a.format,
+    options: a.options,
+    path: relative(store.root, pending),
+    size,
+  });
+  return { artifact, file: pending, cached: false, pending: true };
+}
+
+async function cloneFile(src: string, dest: string): Promise<void> {
+  await copyFile(src, dest, constants.COPYFILE_EXCL | constants.COPYFILE_FICLONE_FORCE);
 }
 
 /**

@@ -10,6 +10,7 @@ import { rm } from "node:fs/promises";
 import { cpus } from "node:os";
 import { join } from "node:path";
 import { KilnError, toKilnError } from "../errors.js";
+import type { HeaderPrefetch } from "../layers/prefetch.js";
 import { formatReference, parseReference } from "../reference/reference.js";
 import { parseConfig } from "../registry/manifest.js";
 import { formatPlatform, hostPlatform, parsePlatform } from "../registry/platform.js";
@@ -17,7 +18,7 @@ import { pullInto, type RegistryPullOptions } from "../source/pull.js";
 import { type BuildRow, type BuildStatus, Builds, UNFINISHED } from "../store/builds.js";
 import type { ImageRecord } from "../store/catalog.js";
 import { openStore, removeImages, type Store } from "../store/store.js";
-import { canonicalOptions, type ExportOptions, exportArtifact } from "./export.js";
+import { canonicalOptions, type ExportOptions, exportArtifact, prefetchFor } from "./export.js";
 import { EXPORT_FORMATS, type ExportFormat } from "./formats.js";
 import { acquireServiceLock, type ServiceLock } from "./lock.js";
 
@@ -308,16 +309,20 @@ export class ImageManager extends EventEmitter<ManagerEvents> {
   async #run(build: BuildRow, signal: AbortSignal): Promise<void> {
     const started = process.hrtime.bigint();
     let row: BuildRow | undefined = build;
+    let prefetch: HeaderPrefetch | undefined;
     try {
       await this.#opts.onPhase?.(this.#view(build));
       let image = this.#opts.pullPolicy === "always" ? undefined : this.#localImage(build);
       if (!image) {
+        // The conversion's first pass runs on each layer as it downloads.
+        prefetch = prefetchFor(this.store, exportOptions(build).format);
         try {
           image = (
             await pullInto(this.store, parseReference(build.name), {
               ...this.#opts,
               platform: parsePlatform(build.platform),
               signal,
+              tap: prefetch?.tap,
             })
           ).image;
           this.emit("pulled", { name: build.name, ok: true });
@@ -331,11 +336,13 @@ export class ImageManager extends EventEmitter<ManagerEvents> {
       if (!row) return; // deleted meanwhile
       await this.#opts.onPhase?.(this.#view(row));
       signal.throwIfAborted();
-      const result = await exportArtifact(this.store, image, exportOptions(row));
+      // No output: the artifact is always the store's.
+      const { artifact } = await exportArtifact(this.store, image, exportOptions(row), { prefetch });
+      if (!artifact) throw new KilnError("INTERNAL", "an export without an output was not stored");
       row = this.#builds.update(build.id, {
         status: "ready",
-        artifactKey: result.artifact.key,
-        size: result.artifact.size,
+        artifactKey: artifact.key,
+        size: artifact.size,
       });
     } catch (err) {
       // Cancelled by shutdown: left as it is for the next start. Deleted: the row is gone.
@@ -346,6 +353,8 @@ export class ImageManager extends EventEmitter<ManagerEvents> {
         errorCode: e.code,
         errorMessage: e.message.split("\n")[0]!,
       });
+    } finally {
+      await prefetch?.close();
     }
     if (row) {
       const seconds = Number(process.hrtime.bigint() - started) / 1e9;

@@ -14,6 +14,7 @@ import {
   inspectImage,
   listImagesAndBuilds,
   pull,
+  pullAndExport,
   removeImages,
 } from "../images.js";
 import { parseReference, refName } from "../reference/reference.js";
@@ -73,47 +74,56 @@ export function buildProgram(): Command {
     .option("--ca-file <file>", "extra PEM CA certificates to trust")
     .option("--registry-mirror <url>", "mirror for docker.io (repeatable)", collect)
     .addOption(new Option("--concurrency <n>", "layers downloaded at once").default(3).argParser(positiveInt))
-    .option("--format <format>", `then export it: ${EXPORT_FORMATS.join(", ")} (with -o)`)
-    .option("-o, --output <path>", "with --format: file to write")
+    .option("--format <format>", `then export it: ${EXPORT_FORMATS.join(", ")}`)
+    .option("-o, --output <path>", "with --format: file to write (default: kept in the store)")
     .option("--size <size>", "ext4: exact size, e.g. 2G")
     .option("--free <size>", "ext4: extra free space for a writable disk")
     .option("--journal", "ext4: add a journal, for a disk mounted read-write")
     .option("--compress <gzip|none>", "cpio: compress the archive", "none")
     .action(async (ref: string, o, cmd: Command) => {
       const g = globals(cmd);
-      if (Boolean(o.format) !== Boolean(o.output)) {
-        throw new KilnError("INVALID_ARGUMENT", "--format and -o/--output go together");
+      if (o.output !== undefined && !o.format) {
+        throw new KilnError("INVALID_ARGUMENT", "-o/--output needs --format");
       }
-      const exportOpts = o.format ? exportFlags(o) : undefined;
       const progress = await progressFor(g);
       const ac = abortOnSignal();
+      const pullOpts = {
+        root: g.root,
+        platform: o.platform ? parsePlatform(o.platform) : undefined,
+        creds: o.creds,
+        insecureRegistries: o.insecureRegistry,
+        caFile: o.caFile,
+        registryMirrors: o.registryMirror,
+        concurrency: o.concurrency,
+        progress,
+        signal: ac.signal,
+      };
+      if (o.format) {
+        const exportProgress = await exportProgressFor(g);
+        let result: { pulled: IngestResult; exported: ExportImageResult };
+        try {
+          result = await pullAndExport(ref, o.output, {
+            ...pullOpts,
+            export: { ...exportFlags(o), progress: exportProgress },
+            onPulled: () => progress?.stop?.(),
+          });
+        } finally {
+          progress?.stop?.();
+          exportProgress?.stop?.();
+        }
+        const { pulled, exported } = result;
+        if (g.json) json({ ...pullJson(pulled), export: exportJson(exported) });
+        else if (!g.quiet) {
+          out(summary(pulled, "Pulled"));
+          reportExport(g, exported);
+        } else out(exported.out);
+        return;
+      }
       let result: IngestResult;
       try {
-        result = await pull(ref, {
-          root: g.root,
-          platform: o.platform ? parsePlatform(o.platform) : undefined,
-          creds: o.creds,
-          insecureRegistries: o.insecureRegistry,
-          caFile: o.caFile,
-          registryMirrors: o.registryMirror,
-          concurrency: o.concurrency,
-          progress,
-          signal: ac.signal,
-        });
+        result = await pull(ref, pullOpts);
       } finally {
         progress?.stop?.();
-      }
-      if (exportOpts) {
-        const r = await exportWithProgress(g, result.image.manifestDigest, o.output, {
-          root: g.root,
-          ...exportOpts,
-        });
-        if (g.json) json({ ...pullJson(result), export: exportJson(r) });
-        else if (!g.quiet) {
-          out(summary(result, "Pulled"));
-          reportExport(g, r);
-        } else out(r.out);
-        return;
       }
       if (g.json) json(pullJson(result));
       else if (g.quiet) out(result.image.manifestDigest);
@@ -155,7 +165,7 @@ export function buildProgram(): Command {
     .description("write an image of the store as a root filesystem")
     .argument("<ref>", "reference, or a unique prefix of the manifest digest")
     .requiredOption("--format <format>", `output format: ${EXPORT_FORMATS.join(", ")}`)
-    .requiredOption("-o, --output <path>", "file to write (replaced atomically)")
+    .option("-o, --output <path>", "file to write (replaced atomically); default: kept in the store")
     .option("--size <size>", "ext4: exact size, e.g. 2G (default: content + metadata + headroom)")
     .option("--free <size>", "ext4: extra free space (and inodes) for a writable disk, e.g. 1G")
     .option("--journal", "ext4: add a journal (sized as mke2fs would), for a disk mounted read-write")
@@ -305,19 +315,24 @@ function exportFlags(o: {
 async function exportWithProgress(
   g: GlobalOptions,
   ref: string,
-  output: string,
+  output: string | undefined,
   opts: ExportImageOptions,
 ): Promise<ExportImageResult> {
-  let progress: (ExportProgress & { stop?(): void }) | undefined;
-  if (!g.json && !g.quiet && (process.stderr.isTTY || g.verbose)) {
-    const { lineExportProgress, ttyExportProgress } = await import("./progress.js");
-    progress = process.stderr.isTTY ? ttyExportProgress(process.stderr) : lineExportProgress(process.stderr);
-  }
+  const progress = await exportProgressFor(g);
   try {
     return await exportImage(ref, output, { ...opts, progress });
   } finally {
     progress?.stop?.();
   }
+}
+
+/** Export progress: bars on a TTY, lines with --verbose, nothing with --json or --quiet. */
+async function exportProgressFor(
+  g: GlobalOptions,
+): Promise<(ExportProgress & { stop?(): void }) | undefined> {
+  if (g.json || g.quiet || !(process.stderr.isTTY || g.verbose)) return undefined;
+  const { lineExportProgress, ttyExportProgress } = await import("./progress.js");
+  return process.stderr.isTTY ? ttyExportProgress(process.stderr) : lineExportProgress(process.stderr);
 }
 
 function parseCompress(v: string | undefined): "gzip" | "none" {

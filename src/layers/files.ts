@@ -48,8 +48,11 @@ export interface LayerFilesOptions {
    * the page cache while they live), so pass 2 reads them instead of decompressing again.
    */
   spoolPrefix?: string | undefined;
-  /** Decompressed bytes spooled at most, over all layers; a layer beyond it is decompressed twice. */
-  spoolBudget?: number | undefined;
+  /**
+   * Decompressed bytes spooled at most, over all layers (a budget may be shared with a prefetch); a
+   * layer beyond it is decompressed twice.
+   */
+  spoolBudget?: number | SpoolBudget | undefined;
 }
 
 export class LayerFiles {
@@ -57,8 +60,10 @@ export class LayerFiles {
   readonly #layers: readonly LayerBlob[];
   readonly #label: (i: number) => string;
   readonly #opened = new Map<number, Promise<Opened>>();
+  /** Spools made elsewhere (a prefetch during the pull), for layers not opened yet. */
+  readonly #adopted = new Map<number, Spool>();
   readonly #spoolPrefix: string | undefined;
-  #spoolLeft: number;
+  readonly #budget: SpoolBudget;
 
   constructor(
     blobs: BlobStore,
@@ -70,7 +75,8 @@ export class LayerFiles {
     this.#layers = layers;
     this.#label = label;
     this.#spoolPrefix = opts.spoolPrefix;
-    this.#spoolLeft = opts.spoolBudget ?? 0;
+    const budget = opts.spoolBudget ?? 0;
+    this.#budget = typeof budget === "number" ? new SpoolBudget(budget) : budget;
   }
 
   #open(i: number): Promise<Opened> {
@@ -104,7 +110,9 @@ export class LayerFiles {
       const { bytesRead } = await fh.read(head, 0, head.length, 0);
       const verified = layer.diffId === null || layer.diffId.toLowerCase() === layer.digest.toLowerCase();
       const raw = verified && sniffCompression(head.subarray(0, bytesRead)) === "none";
-      return { fh, size, raw };
+      const spool = this.#adopted.get(i);
+      this.#adopted.delete(i);
+      return { fh, size, raw, spool };
     } catch (err) {
       await fh.close();
       throw err;
@@ -149,37 +157,26 @@ export class LayerFiles {
       diffId: layer.diffId ?? undefined,
       label: this.#label(i),
     });
-    if (pass !== "headers" || this.#spoolPrefix === undefined || this.#spoolLeft <= 0) return stream;
+    if (pass !== "headers" || this.#spoolPrefix === undefined || this.#budget.left <= 0) return stream;
     const file = `${this.#spoolPrefix}-${i}`;
     const created = new Spool(await open(file, "wx+"), file);
     await spool?.discard();
     opened.spool = created;
-    return this.#spooled(stream, created);
+    return spoolThrough(stream, created, this.#budget);
   }
 
-  /** Passes `src` on and writes it to `spool`; the spool is complete once `src` ended cleanly. */
-  async *#spooled(src: AsyncIterable<Buffer>, spool: Spool): AsyncGenerator<Buffer> {
-    let ended = false;
-    try {
-      for await (const chunk of src) {
-        if (!spool.abandoned) {
-          if (chunk.length > this.#spoolLeft) await spool.abandon();
-          else {
-            this.#spoolLeft -= chunk.length;
-            await spool.append(chunk);
-          }
-        }
-        yield chunk;
-      }
-      ended = true;
-    } finally {
-      if (ended) await spool.finish();
-      else await spool.abandon();
-    }
+  /**
+   * Takes over layer i's decompressed tar, spooled whole and verified by a pass 1 run elsewhere
+   * (src/layers/prefetch.ts), for pass 2 to read. Call before the layer is opened.
+   */
+  adoptSpool(i: number, spool: Spool): void {
+    this.#adopted.set(i, spool);
   }
 
   /** Closes every blob opened and removes the spools. Call once no read is in flight. */
   async close(): Promise<void> {
+    for (const spool of this.#adopted.values()) await spool.discard();
+    this.#adopted.clear();
     const all = [...this.#opened.values()];
     this.#opened.clear();
     for (const p of all) {
@@ -219,11 +216,49 @@ async function* readChunks(
   }
 }
 
+/** Decompressed bytes the spools of one export may still take; shared by everything that spools for it. */
+export class SpoolBudget {
+  constructor(public left: number) {}
+}
+
+/**
+ * Passes `src` on and writes it to `spool` while the budget lasts; the spool is complete once `src`
+ * ended cleanly. A spool given up (over budget, or its read stopped early) gives its bytes back.
+ */
+export async function* spoolThrough(
+  src: AsyncIterable<Buffer>,
+  spool: Spool,
+  budget: SpoolBudget,
+): AsyncGenerator<Buffer> {
+  const giveUp = async () => {
+    if (spool.abandoned) return;
+    budget.left += spool.size;
+    await spool.abandon();
+  };
+  let ended = false;
+  try {
+    for await (const chunk of src) {
+      if (!spool.abandoned) {
+        if (chunk.length > budget.left) await giveUp();
+        else {
+          budget.left -= chunk.length;
+          await spool.append(chunk);
+        }
+      }
+      yield chunk;
+    }
+    ended = true;
+  } finally {
+    if (ended) await spool.finish();
+    else await giveUp();
+  }
+}
+
 /** Writes in flight at most, per spool, before the reader waits for them. */
 const SPOOL_BACKLOG = 8 << 20;
 
 /** A decompressed layer written to a temp file as pass 1 reads it. */
-class Spool {
+export class Spool {
   size = 0;
   complete = false;
   abandoned = false;

@@ -22,12 +22,32 @@ export interface IngestProgress {
   layerDone?(digest: string): void;
 }
 
+/** Where a pull also hands a layer's compressed bytes, chunk by chunk, in order (see layers/prefetch.ts). */
+export interface BlobTap {
+  /** Resolves once the tap has room for more (back-pressure on the download). */
+  write(chunk: Buffer): Promise<void>;
+  /** The whole blob went through (the store verifies it separately). */
+  end(): void;
+  /** The download failed or stopped. */
+  abort(err: unknown): void;
+}
+
+export interface TappedLayer {
+  digest: string;
+  diffId: string | null;
+  /** 0-based position in the image, and the image's layer count (for labels). */
+  index: number;
+  count: number;
+}
+
 export interface IngestOptions {
   platform?: Platform | undefined;
   /** Layers downloaded at once (default 3). */
   concurrency?: number | undefined;
   signal?: AbortSignal | undefined;
   progress?: IngestProgress | undefined;
+  /** Also gives each layer fetched to a tap (undefined: not this one). */
+  tap?: ((layer: TappedLayer) => BlobTap | undefined) | undefined;
 }
 
 export interface IngestResult {
@@ -102,13 +122,15 @@ async function fetchAndRecord(
     }
     const total = resolved.layers.length;
     await forEachLimited(missing, opts.concurrency ?? 3, abort, async (layer) => {
-      const position = resolved.layers.indexOf(layer) + 1;
-      const what = `layer ${position}/${total} (${layer.digest}) of ${source.origin}`;
+      const index = resolved.layers.indexOf(layer);
+      const what = `layer ${index + 1}/${total} (${layer.digest}) of ${source.origin}`;
       const stream: Readable = await source.openBlob(layer, {
         signal: abort.signal,
         onBytes: (n) => opts.progress?.bytes?.(layer.digest, n),
       });
-      bytes += await staging.write({ digest: layer.digest, size: layer.size, what }, stream);
+      const tap = opts.tap?.({ digest: layer.digest, diffId: diffIds[index] ?? null, index, count: total });
+      const input = tap ? tapped(stream, tap) : stream;
+      bytes += await staging.write({ digest: layer.digest, size: layer.size, what }, input);
       opts.progress?.layerDone?.(layer.digest);
     });
     await staging.commit();
@@ -143,6 +165,24 @@ async function fetchAndRecord(
     })),
   });
   return { image, downloaded: missing.length, present: unique.size - missing.length, bytes };
+}
+
+/** Passes `src` on, giving each chunk to `tap` first. */
+async function* tapped(src: Readable, tap: BlobTap): AsyncGenerator<Buffer> {
+  let whole = false;
+  try {
+    for await (const chunk of src) {
+      await tap.write(chunk as Buffer);
+      yield chunk as Buffer;
+    }
+    whole = true;
+  } catch (err) {
+    tap.abort(err);
+    throw err;
+  } finally {
+    if (whole) tap.end();
+    else tap.abort(new Error("the download stopped"));
+  }
 }
 
 /** Refuses images whose parts disagree before anything is fetched; returns the config's diff IDs. */

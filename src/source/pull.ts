@@ -6,7 +6,13 @@ import type { ImageRef } from "../reference/reference.js";
 import type { RegistryOptions } from "../registry/client.js";
 import type { Platform } from "../registry/platform.js";
 import type { Store } from "../store/store.js";
-import { type IngestProgress, type IngestResult, ingestImage } from "./ingest.js";
+import {
+  type BlobTap,
+  type IngestProgress,
+  type IngestResult,
+  ingestImage,
+  type TappedLayer,
+} from "./ingest.js";
 
 export interface RegistryPullOptions {
   /** `user:pass`; otherwise credentials come from the docker config (DOCKER_CONFIG or ~/.docker). */
@@ -27,6 +33,8 @@ export interface PullIntoOptions extends RegistryPullOptions {
   platform?: Platform | undefined;
   progress?: IngestProgress | undefined;
   signal?: AbortSignal | undefined;
+  /** Also gives each layer fetched to a tap (see IngestOptions.tap). */
+  tap?: ((layer: TappedLayer) => BlobTap | undefined) | undefined;
 }
 
 /** Pulls `ref` into `store`, verified; blobs already present are not fetched. */
@@ -57,6 +65,7 @@ export async function pullInto(
       concurrency: opts.concurrency,
       progress: opts.progress,
       signal: opts.signal,
+      tap: opts.tap,
     });
   } finally {
     await source.close();

@@ -81,8 +81,17 @@ describe("kiln export of hostile layers", () => {
     return { out, result: await box.kiln(["export", `hostile/${name}:1`, "--format", "ext4", "-o", out]) };
   }
 
-  /** The failed export published nothing and left nothing in tmp/. */
-  async function assertNoArtifact(): Promise<void> {
+  /**
+   * The failed export left nothing at or beside its output and nothing in tmp/; the same export
+   * into the store's cache (no -o) fails with the same code and publishes nothing.
+   */
+  async function assertNoArtifact(name: string, code: string): Promise<void> {
+    assert.deepEqual(
+      (await readdir(work)).filter((n) => n.startsWith(".") || n === `${name}.ext4`),
+      [],
+      "nothing at or beside the output",
+    );
+    assertFails(await box.kiln(["export", `hostile/${name}:1`, "--format", "ext4"]), code);
     const tmp = await readdir(join(box.root, "tmp"));
     assert.deepEqual({ artifacts: await artifacts(), tmp }, { artifacts: published, tmp: [] });
   }
@@ -104,7 +113,7 @@ describe("kiln export of hostile layers", () => {
     ]);
     const { result } = await exportLayer("symlink-write", tar);
     assert.match(assertFails(result, "INVALID_ARCHIVE"), /escape/);
-    await assertNoArtifact();
+    await assertNoArtifact("symlink-write", "INVALID_ARCHIVE");
   });
 
   it("INVALID_ARCHIVE: a `..` symlink then a write through it", async () => {
@@ -115,27 +124,27 @@ describe("kiln export of hostile layers", () => {
     ]);
     const { result } = await exportLayer("dotdot-symlink", tar);
     assertFails(result, "INVALID_ARCHIVE");
-    await assertNoArtifact();
+    await assertNoArtifact("dotdot-symlink", "INVALID_ARCHIVE");
   });
 
   it("INVALID_ARCHIVE: a header claiming 2^60 bytes", async () => {
     const tar = Buffer.concat([entry({ name: "huge", size: base256(1n << 60n, 12) }), END]);
     const { result } = await exportLayer("huge", tar);
     assertFails(result, "INVALID_ARCHIVE");
-    await assertNoArtifact();
+    await assertNoArtifact("huge", "INVALID_ARCHIVE");
   });
 
   it("INVALID_ARCHIVE: data cut short in the middle of a file", async () => {
     const whole = file("big", "y".repeat(4000));
     const { result } = await exportLayer("truncated", whole.subarray(0, 512 + 1000));
     assert.match(assertFails(result, "INVALID_ARCHIVE"), /truncat/i);
-    await assertNoArtifact();
+    await assertNoArtifact("truncated", "INVALID_ARCHIVE");
   });
 
   it("INVALID_ARCHIVE: a header with a bad checksum", async () => {
     const tar = Buffer.concat([entry({ name: "bad", checksum: "0000000\0" }, Buffer.from("z")), END]);
     const { result } = await exportLayer("checksum", tar);
     assertFails(result, "INVALID_ARCHIVE");
-    await assertNoArtifact();
+    await assertNoArtifact("checksum", "INVALID_ARCHIVE");
   });
 });

@@ -5,8 +5,8 @@
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
-import { createReadStream, existsSync } from "node:fs";
-import { readdir, writeFile } from "node:fs/promises";
+import { constants, createReadStream, existsSync } from "node:fs";
+import { copyFile, mkdir, readdir, rm, writeFile } from "node:fs/promises";
 import { join, resolve } from "node:path";
 import { makeTempDir, removeDir } from "../helpers/exec.js";
 import type { ConfigSpec, RawImage } from "../helpers/images.js";
@@ -232,6 +232,26 @@ export async function assertTmpEmpty(root: string): Promise<void> {
     if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
   }
   assert.deepEqual(entries, [], "ROOT/tmp is not empty");
+}
+
+/**
+ * Whether a file in `from` can be cloned into `to` (FICLONE: btrfs, XFS), as the store clones an
+ * export's output into its cache: an export with -o keeps a store copy only then. Creates `to`.
+ */
+export async function canClone(from: string, to: string): Promise<boolean> {
+  await mkdir(to, { recursive: true });
+  const src = join(from, `.clone-probe-${process.pid}`);
+  const dest = join(to, `.clone-probe-${process.pid}.copy`);
+  try {
+    await writeFile(src, "probe");
+    await copyFile(src, dest, constants.COPYFILE_FICLONE_FORCE);
+    return true;
+  } catch {
+    return false;
+  } finally {
+    await rm(src, { force: true });
+    await rm(dest, { force: true });
+  }
 }
 
 /** The store as files and catalog: blob names, tmp entries and `kiln images --json`. */

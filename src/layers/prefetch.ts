@@ -1,0 +1,160 @@
+/**
+ * Pass 1 of an export run during the pull: as each layer's compressed bytes arrive, they are also
+ * decompressed, checked against the diff ID, and their tar headers read (the decompressed tar
+ * spooled for pass 2, within a budget). So when the last layer is in, only the merge and pass 2
+ * remain: download, decompression, hashing and header parsing overlap instead of following each
+ * other. A tap never fails the pull: a layer that does not read (a corrupt tar, a wrong diff ID)
+ * keeps its error for the export, which reports it exactly as its own pass 1 would have.
+ */
+import { open } from "node:fs/promises";
+import type { BlobTap, TappedLayer } from "../source/ingest.js";
+import { readTar } from "../tar/reader.js";
+import { openLayerStream } from "./decompress.js";
+import { Spool, SpoolBudget, spoolThrough } from "./files.js";
+import type { LayerEntry } from "./merge.js";
+
+/** What pass 1 made of one layer: its entries, and its decompressed tar when spooled whole. */
+export interface PrefetchedLayer {
+  entries: LayerEntry[];
+  spool: Spool | undefined;
+}
+
+/** Compressed bytes queued for a tap's reader before the download waits. */
+const QUEUE_BYTES = 8 << 20;
+
+export class HeaderPrefetch {
+  readonly #spoolPrefix: string;
+  /** Shared with the export's own pass (LayerFiles), for the layers not tapped. */
+  readonly budget: SpoolBudget;
+  readonly #layers = new Map<string, Promise<PrefetchedLayer>>();
+
+  /** Spools go to files named PREFIX-N, at most `spoolBudget` decompressed bytes over all layers. */
+  constructor(opts: { spoolPrefix: string; spoolBudget: number }) {
+    this.#spoolPrefix = opts.spoolPrefix;
+    this.budget = new SpoolBudget(opts.spoolBudget);
+  }
+
+  /** A tap for one layer (once per digest: a layer listed twice is read once). */
+  tap = (layer: TappedLayer): BlobTap | undefined => {
+    if (this.#layers.has(layer.digest)) return undefined;
+    const queue = new ChunkQueue();
+    const done = this.#read(layer, queue);
+    done.catch(() => queue.close()); // kept for take(); a failed reader must not hold the download
+    this.#layers.set(layer.digest, done);
+    return queue;
+  };
+
+  /**
+   * The layer's pass-1 result, taken over by the caller (who then owns its spool); undefined when
+   * it was not tapped (already in the store). Rejects with the layer's read error.
+   */
+  take(digest: string): Promise<PrefetchedLayer> | undefined {
+    const p = this.#layers.get(digest);
+    this.#layers.delete(digest);
+    return p;
+  }
+
+  /** Removes the spools nobody took. */
+  async close(): Promise<void> {
+    const left = [...this.#layers.values()];
+    this.#layers.clear();
+    for (const p of left) await (await p.catch(() => undefined))?.spool?.discard();
+  }
+
+  async #read(layer: TappedLayer, queue: ChunkQueue): Promise<PrefetchedLayer> {
+    const label = `layer ${layer.index + 1}/${layer.count} (${layer.digest})`;
+    const file = `${this.#spoolPrefix}-${layer.index}`;
+    // An uncompressed layer is read from its blob by position (see files.ts): nothing to spool.
+    // Without a spool file (no budget left, or it cannot be created), pass 2 decompresses again.
+    const plain = layer.diffId === null || layer.diffId.toLowerCase() === layer.digest.toLowerCase();
+    const spool =
+      plain || this.budget.left <= 0
+        ? undefined
+        : await open(file, "wx+").then(
+            (fh) => new Spool(fh, file),
+            () => undefined,
+          );
+    const entries: LayerEntry[] = [];
+    try {
+      const tar = openLayerStream(queue, { diffId: layer.diffId ?? undefined, label });
+      for await (const e of readTar(spool ? spoolThrough(tar, spool, this.budget) : tar, { label })) {
+        entries.push({ header: e.header, offset: e.offset, stored: e.stored, sparse: e.sparse });
+      }
+      return { entries, spool: spool?.complete ? spool : undefined };
+    } catch (err) {
+      await spool?.discard();
+      throw err;
+    } finally {
+      queue.close();
+    }
+  }
+}
+
+/**
+ * A bounded queue of chunks between a download (the writer) and a reader: the writer waits while
+ * QUEUE_BYTES are queued; once the reader closes it, writes are dropped.
+ */
+class ChunkQueue implements BlobTap, AsyncIterable<Buffer> {
+  #chunks: Buffer[] = [];
+  #bytes = 0;
+  #ended = false;
+  #closed = false;
+  #error: unknown;
+  #wakeReader: (() => void) | undefined;
+  #wakeWriter: (() => void) | undefined;
+
+  async write(chunk: Buffer): Promise<void> {
+    if (this.#closed || this.#ended) return;
+    this.#chunks.push(chunk);
+    this.#bytes += chunk.length;
+    this.#wake("reader");
+    while (this.#bytes > QUEUE_BYTES && !this.#closed) {
+      await new Promise<void>((resolve) => {
+        this.#wakeWriter = resolve;
+      });
+    }
+  }
+
+  end(): void {
+    this.#ended = true;
+    this.#wake("reader");
+  }
+
+  abort(err: unknown): void {
+    this.#error ??= err;
+    this.#ended = true;
+    this.#wake("reader");
+  }
+
+  /** The reader is done (or failed): nothing more is queued, the writer never waits again. */
+  close(): void {
+    this.#closed = true;
+    this.#chunks = [];
+    this.#bytes = 0;
+    this.#wake("writer");
+  }
+
+  #wake(who: "reader" | "writer"): void {
+    const wake = who === "reader" ? this.#wakeReader : this.#wakeWriter;
+    if (who === "reader") this.#wakeReader = undefined;
+    else this.#wakeWriter = undefined;
+    wake?.();
+  }
+
+  async *[Symbol.asyncIterator](): AsyncGenerator<Buffer> {
+    for (;;) {
+      const chunk = this.#chunks.shift();
+      if (chunk !== undefined) {
+        this.#bytes -= chunk.length;
+        if (this.#bytes <= QUEUE_BYTES) this.#wake("writer");
+        yield chunk;
+        continue;
+      }
+      if (this.#error !== undefined) throw this.#error;
+      if (this.#ended || this.#closed) return;
+      await new Promise<void>((resolve) => {
+        this.#wakeReader = resolve;
+      });
+    }
+  }
+}
