@@ -67,6 +67,19 @@ export interface Inode {
   entries: Map<string, Inode> | undefined;
 }
 
+/**
+ * The xattrs of every inode that has none. Inodes may share an xattr map: give an inode a new map
+ * rather than modifying the one it has.
+ */
+export const NO_XATTRS: Map<string, Buffer> = new (class extends Map<string, Buffer> {
+  override set(): this {
+    throw new Error("NO_XATTRS is shared: give the inode a new map");
+  }
+  override delete(): boolean {
+    throw new Error("NO_XATTRS is shared: give the inode a new map");
+  }
+})();
+
 export function newInode(type: FileType, fields: Partial<Omit<Inode, "type">> = {}): Inode {
   return {
     type,
@@ -79,7 +92,7 @@ export function newInode(type: FileType, fields: Partial<Omit<Inode, "type">> = 
     target: fields.target ?? "",
     rdevMajor: fields.rdevMajor ?? 0,
     rdevMinor: fields.rdevMinor ?? 0,
-    xattrs: fields.xattrs ?? new Map(),
+    xattrs: fields.xattrs ?? NO_XATTRS,
     data: fields.data,
     entries: type === "directory" ? (fields.entries ?? new Map()) : undefined,
   };

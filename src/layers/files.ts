@@ -255,7 +255,7 @@ export async function* spoolThrough(
 }
 
 /** Writes in flight at most, per spool, before the reader waits for them. */
-const SPOOL_BACKLOG = 8 << 20;
+const SPOOL_BACKLOG = 4 << 20;
 
 /** A decompressed layer written to a temp file as pass 1 reads it. */
 export class Spool {

@@ -22,7 +22,7 @@
  *   metadata). Files in aufs `.wh..wh.plnk` are kept out of the tree but may be link targets.
  */
 import { KilnError } from "../errors.js";
-import { type DataRef, type Extent, type Inode, newInode } from "../fs/tree.js";
+import { type DataRef, type Extent, type Inode, NO_XATTRS, newInode } from "../fs/tree.js";
 import type { TarHeader } from "../tar/header.js";
 import { classifyName, cleanPath, WHITEOUT_META_PREFIX, WHITEOUT_PREFIX } from "./paths.js";
 
@@ -324,9 +324,11 @@ class LayerState {
 
   #makeInode(entry: LayerEntry, path: string): Inode {
     const h = entry.header;
-    const xattrs = new Map<string, Buffer>();
+    // No map of its own when there is nothing in it (NO_XATTRS: replaced, never modified).
+    let xattrs = NO_XATTRS;
     for (const [k, v] of h.xattrs) {
       if (this.perLayer && k.startsWith(OVERLAY_XATTR_PREFIX)) continue;
+      if (xattrs === NO_XATTRS) xattrs = new Map();
       xattrs.set(k, v);
     }
     const meta = {
@@ -439,7 +441,9 @@ class LayerState {
       }
     }
     for (const comps of this.#opaque.values()) {
-      this.#dirAt(comps)?.xattrs.set(OVERLAY_OPAQUE_XATTR, Buffer.from("y"));
+      const dir = this.#dirAt(comps);
+      // A new map: the directory's may be shared (with a lower layer's inode, or NO_XATTRS).
+      if (dir) dir.xattrs = new Map(dir.xattrs).set(OVERLAY_OPAQUE_XATTR, Buffer.from("y"));
     }
     return this.root;
   }

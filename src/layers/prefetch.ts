@@ -20,7 +20,7 @@ export interface PrefetchedLayer {
 }
 
 /** Compressed bytes queued for a tap's reader before the download waits. */
-const QUEUE_BYTES = 8 << 20;
+const QUEUE_BYTES = 2 << 20;
 
 export class HeaderPrefetch {
   readonly #spoolPrefix: string;

@@ -92,6 +92,10 @@ export interface TarHeader {
   readonly format: HeaderFormat;
 }
 
+/** Shared by every header without xattrs or other PAX records: headers are never modified. */
+const NO_XATTRS = new Map<string, Buffer>();
+const NO_PAX = new Map<string, string>();
+
 function invalid(message: string): KilnError {
   return new KilnError("INVALID_ARCHIVE", message);
 }
@@ -514,8 +518,10 @@ export class HeaderAssembler {
       gname,
       devmajor: h.devmajor,
       devminor: h.devminor,
-      xattrs,
-      pax,
+      // Most entries have neither: one shared empty map each instead of two per entry (big images
+      // hold every header until the merge).
+      xattrs: xattrs.size > 0 ? xattrs : NO_XATTRS,
+      pax: pax.size > 0 ? pax : NO_PAX,
       sparse,
       format: h.format,
     };
