@@ -111,15 +111,15 @@ export async function startCountingProxy(upstream: string): Promise<CountingProx
     up.on("data", (d: Buffer) => {
       count += d.length;
     });
+    // pipe() ends each side when the other ends, after what is buffered is written: only an error
+    // tears both down at once.
     client.pipe(up).pipe(client);
-    const end = () => {
+    const fail = () => {
       client.destroy();
       up.destroy();
-      sockets.delete(client);
-      sockets.delete(up);
     };
-    client.on("error", end).on("close", end);
-    up.on("error", end).on("close", end);
+    client.on("error", fail).on("close", () => sockets.delete(client));
+    up.on("error", fail).on("close", () => sockets.delete(up));
   });
   await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
   const { port } = server.address() as AddressInfo;
