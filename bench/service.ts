@@ -246,10 +246,10 @@ async function main() {
         `read the image record: service = GET /images/{ref}, ${GETS} requests, ${IN_FLIGHT} in flight on keep-alive`,
         "  connections (undici); CLI = `kiln --json inspect REF` calls per second, one process each.",
         `uncached: service = POST /images {name, format: ${FORMAT}} on a fresh store until GET says ready;`,
-        `  CLI = \`kiln pull REF --format ${FORMAT} -o F\` on a fresh store (also copies the artifact to F).`,
+        `  CLI = \`kiln pull REF --format ${FORMAT}\` on a fresh store (into the store, as the service).`,
         "image stored: the image pulled beforehand by `kiln pull`, no artifact: service = POST until ready;",
-        `  CLI = \`kiln export REF --format ${FORMAT} -o F\` (builds the artifact, then copies it to F).`,
-        "artifact cached: service = one POST answered 200 ready; CLI = `kiln export` again (a copy to F).",
+        `  CLI = \`kiln export REF --format ${FORMAT}\` (builds the artifact into the store).`,
+        "artifact cached: service = one POST answered 200 ready; CLI = `kiln export` again (finds it).",
       ].join("\n"),
     );
   } finally {
