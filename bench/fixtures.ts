@@ -16,21 +16,10 @@ import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { once } from "node:events";
 import { createReadStream, createWriteStream, existsSync, readFileSync, statSync } from "node:fs";
-import {
-  chmod,
-  link,
-  mkdir,
-  open,
-  readdir,
-  readFile,
-  rename,
-  rm,
-  stat,
-  utimes,
-  writeFile,
-} from "node:fs/promises";
+import { chmod, link, mkdir, open, readdir, rename, rm, stat, utimes, writeFile } from "node:fs/promises";
 import { join, relative, resolve } from "node:path";
 import { finished } from "node:stream/promises";
+import { acquirePidLock } from "../src/build/lock.js";
 import { MEDIA } from "../test/helpers/images.js";
 
 export interface FixtureLayer {
@@ -126,7 +115,7 @@ export async function ensureFixtures(cacheDir: string, log: (line: string) => vo
     }
     return out;
   } finally {
-    await unlock();
+    unlock();
   }
 }
 
@@ -208,29 +197,13 @@ async function saveMarker(cache: string, f: Fixture, seconds: number): Promise<v
 }
 
 /** One builder per cache directory; a lock left by a dead process is taken over. */
-async function lock(cache: string): Promise<() => Promise<void>> {
-  const file = join(cache, ".lock");
-  for (;;) {
-    try {
-      await writeFile(file, `${process.pid}\n`, { flag: "wx" });
-      return () => rm(file, { force: true });
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== "EEXIST") throw err;
-    }
-    const pid = Number((await readFile(file, "utf8").catch(() => "")).trim());
-    if (pid > 0 && pid !== process.pid && alive(pid))
-      throw new Error(`fixtures: process ${pid} is building fixtures in ${cache} (lock ${file})`);
-    await rm(file, { force: true });
-  }
-}
-
-function alive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === "EPERM";
-  }
+async function lock(cache: string): Promise<() => void> {
+  const held = await acquirePidLock(
+    join(cache, ".lock"),
+    (pid) =>
+      new Error(`fixtures: process ${pid} is building fixtures in ${cache} (lock ${join(cache, ".lock")})`),
+  );
+  return () => held.release();
 }
 
 // ---------------------------------------------------------------------------------------------

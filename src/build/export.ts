@@ -10,7 +10,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { constants } from "node:fs";
 import { copyFile, mkdir, open, readdir, readFile, rename, rm, stat } from "node:fs/promises";
 import { totalmem } from "node:os";
-import { join, relative } from "node:path";
+import { dirname, join, relative } from "node:path";
 import { KilnError } from "../errors.js";
 import { writeCpio } from "../fs/cpio/writer.js";
 import { writeSparse } from "../fs/datastream.js";
@@ -151,8 +151,13 @@ class Reporter {
  * of the memory, at most 2 GiB, so they stay in the page cache (below the kernel's threshold for
  * background writeback) and are gone before they would reach the disk.
  */
-export function spoolBudget(): number {
+function spoolBudget(): number {
   return Math.min(totalmem() / 20, 2 * 1024 ** 3);
+}
+
+/** A fresh temp path in the store, named for what it is (GC removes stale ones by age). */
+function tempIn(store: Store, what: string): string {
+  return join(store.tmpDir, `${what}-${process.pid}-${randomBytes(4).toString("hex")}`);
 }
 
 /**
@@ -163,7 +168,7 @@ export function spoolBudget(): number {
 export function prefetchFor(store: Store, format: ExportFormat): HeaderPrefetch | undefined {
   if (format === "erofs-layers") return undefined;
   return new HeaderPrefetch({
-    spoolPrefix: join(store.tmpDir, `prefetch-${process.pid}-${randomBytes(4).toString("hex")}`),
+    spoolPrefix: tempIn(store, "prefetch"),
     spoolBudget: spoolBudget(),
   });
 }
@@ -296,14 +301,14 @@ export async function exportArtifact(
 
   const { key, options } = artifactKey(image, opts);
   const final = join(store.artifactsDir, `${key}.${opts.format}`);
-  const record = async (): Promise<ArtifactRecord> =>
+  const record = (path: string, size: number): ArtifactRecord =>
     store.catalog.putArtifact({
       key,
       manifestDigest: image.manifestDigest,
       format: opts.format,
       options,
-      path: relative(store.root, final),
-      size: await pathSize(final),
+      path: relative(store.root, path),
+      size,
     });
   const fromCache = async (artifact: ArtifactRecord, file: string): Promise<ExportResult> => {
     plan(true);
@@ -324,7 +329,7 @@ export async function exportArtifact(
         await fsyncTree(file);
         await rename(file, final);
         await fsyncPath(store.artifactsDir);
-        return fromCache(await record(), final);
+        return fromCache(record(final, size), final);
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== "ENOENT") throw err;
         // Another process took it first.
@@ -360,7 +365,6 @@ export async function exportArtifact(
       await files.close();
     }
   };
-  const tmpName = () => join(store.tmpDir, `export-${key}-${process.pid}-${randomBytes(4).toString("hex")}`);
 
   if (extras.output !== undefined) {
     // Written once, at the output: a second copy in the store would double what reaches the disk
@@ -368,16 +372,21 @@ export async function exportArtifact(
     // blocks (a clone: nothing is written).
     let kept: ExportResult | undefined;
     const bytes = await replaceAtomically(extras.output, async (tmp) => {
-      await build(tmp, tmpName());
+      await build(tmp, tempIn(store, `export-${key}`));
       await fsyncTree(tmp);
       const size = await pathSize(tmp);
-      kept = await keepClone(store, tmp, size, { key, options, final, image, format: opts.format, boot });
+      if (boot !== undefined) {
+        const pending = pendingPath(final, boot);
+        if (await keepClone(tmp, pending, tempIn(store, `clone-${key}`))) {
+          kept = { artifact: record(pending, size), file: pending, cached: false, pending: true };
+        }
+      }
       return size;
     });
     return kept ? { ...kept, bytes } : { artifact: undefined, file: extras.output, cached: false, bytes };
   }
 
-  const tmp = tmpName();
+  const tmp = tempIn(store, `export-${key}`);
   try {
     await build(tmp, tmp);
     // Durable before it is renamed into place and recorded: a crash must never leave a record
@@ -386,7 +395,7 @@ export async function exportArtifact(
     await mkdir(store.artifactsDir, { recursive: true });
     await rename(tmp, final);
     await fsyncPath(store.artifactsDir);
-    return { artifact: await record(), file: final, cached: false };
+    return { artifact: record(final, await pathSize(final)), file: final, cached: false };
   } catch (err) {
     await rm(tmp, { force: true, recursive: true });
     throw err;
@@ -394,27 +403,12 @@ export async function exportArtifact(
 }
 
 /**
- * Keeps a clone of a fresh export (at `src`, fsynced) in the store's cache, where the store's
- * filesystem can clone it from there (btrfs, XFS); undefined elsewhere. The clone's own metadata is
- * not fsynced: it is recorded under its pending path (trusted by later exports of this boot, which
- * fsync and publish it).
+ * Clones a fresh export (at `src`, fsynced) to `dest` in the store (through `tmp`), where the store's
+ * filesystem can (btrfs, XFS); false elsewhere, with nothing left behind. The clone's own metadata
+ * is not fsynced: the caller records it under its pending path (trusted by later exports of this
+ * boot, which fsync and publish it).
  */
-async function keepClone(
-  store: Store,
-  src: string,
-  size: number,
-  a: {
-    key: string;
-    options: string;
-    final: string;
-    image: ImageRecord;
-    format: ExportFormat;
-    boot: string | undefined;
-  },
-): Promise<ExportResult | undefined> {
-  if (a.boot === undefined) return undefined;
-  const pending = pendingPath(a.final, a.boot);
-  const tmp = join(store.tmpDir, `clone-${a.key}-${process.pid}-${randomBytes(4).toString("hex")}`);
+async function keepClone(src: string, dest: string, tmp: string): Promise<boolean> {
   try {
     if ((await stat(src)).isDirectory()) {
       await mkdir(tmp);
@@ -422,22 +416,14 @@ async function keepClone(
     } else {
       await cloneFile(src, tmp);
     }
-    await mkdir(store.artifactsDir, { recursive: true });
-    await rename(tmp, pending);
+    await mkdir(dirname(dest), { recursive: true });
+    await rename(tmp, dest);
+    return true;
   } catch {
     // No clones here (ext4, another filesystem, no support), or no room: nothing is kept.
     await rm(tmp, { recursive: true, force: true });
-    return undefined;
+    return false;
   }
-  const artifact = store.catalog.putArtifact({
-    key: a.key,
-    manifestDigest: a.image.manifestDigest,
-    format: a.format,
-    options: a.options,
-    path: relative(store.root, pending),
-    size,
-  });
-  return { artifact, file: pending, cached: false, pending: true };
 }
 
 async function cloneFile(src: string, dest: string): Promise<void> {
@@ -603,7 +589,7 @@ async function cloneOrCopy(
   onBytes: ((n: number) => void) | undefined,
 ): Promise<number> {
   try {
-    await copyFile(src, dest, constants.COPYFILE_EXCL | constants.COPYFILE_FICLONE_FORCE);
+    await cloneFile(src, dest);
   } catch {
     // No clone here (ext4, another filesystem, no support): copy the bytes.
     await rm(dest, { force: true });

@@ -1,11 +1,12 @@
 /**
  * One service runs builds per store: `ROOT/serve.lock` holds its pid. A lock whose process is gone
- * (kill -9, crash) is taken over; GC never touches it.
+ * (kill -9, crash) is taken over; GC never touches it. The same pid lock serves bench/fixtures.ts.
  */
 import { readFileSync, unlinkSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { KilnError } from "../errors.js";
 
+/** A held pid lock (the service's, or any other: see acquirePidLock). */
 export interface ServiceLock {
   readonly file: string;
   release(): void;
@@ -17,7 +18,17 @@ export const SERVICE_LOCK = "serve.lock";
 const held = new Set<string>();
 
 export async function acquireServiceLock(root: string): Promise<ServiceLock> {
-  const file = join(root, SERVICE_LOCK);
+  return acquirePidLock(
+    join(root, SERVICE_LOCK),
+    (holder) => new KilnError("STORE", `another kiln serve (pid ${holder}) is running on the store ${root}`),
+  );
+}
+
+/**
+ * Creates `file` holding this process's pid; a file left by a process that is gone is taken over,
+ * one whose process lives is refused with `busy(pid)`.
+ */
+export async function acquirePidLock(file: string, busy: (pid: number) => Error): Promise<ServiceLock> {
   for (let attempt = 0; ; attempt++) {
     try {
       writeFileSync(file, `${process.pid}\n`, { flag: "wx" });
@@ -28,9 +39,7 @@ export async function acquireServiceLock(root: string): Promise<ServiceLock> {
     }
     const holder = readPid(file);
     const ours = holder === process.pid;
-    if (holder !== undefined && ((ours && held.has(file)) || (!ours && alive(holder)))) {
-      throw new KilnError("STORE", `another kiln serve (pid ${holder}) is running on the store ${root}`);
-    }
+    if (holder !== undefined && ((ours && held.has(file)) || (!ours && alive(holder)))) throw busy(holder);
     // Stale: its process is gone.
     try {
       unlinkSync(file);

@@ -39,7 +39,8 @@ export class HeaderPrefetch {
     if (this.#layers.has(layer.digest)) return undefined;
     const queue = new ChunkQueue();
     const done = this.#read(layer, queue);
-    done.catch(() => queue.close()); // kept for take(); a failed reader must not hold the download
+    // Kept for take(); its reader closes the queue however it ends, so a failure never holds the download.
+    done.catch(() => {});
     this.#layers.set(layer.digest, done);
     return queue;
   };

@@ -4,8 +4,6 @@
  * nothing with --json or --quiet.
  */
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { existsSync } from "node:fs";
 import { stat } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
@@ -14,7 +12,15 @@ import { makeTempDir, removeDir } from "../helpers/exec.js";
 import { sampleImage } from "../helpers/fixtures.js";
 import { pushImage } from "../helpers/images.js";
 import { type Registry, startRegistry } from "../helpers/registry.js";
-import { childEnv, escapeRegExp, type InspectJson, REPO_ROOT, type Sandbox, sandbox } from "./kiln.js";
+import {
+  childEnv,
+  escapeRegExp,
+  type InspectJson,
+  runInPty,
+  type Sandbox,
+  sandbox,
+  scriptMissing,
+} from "./kiln.js";
 
 describe("kiln export progress", () => {
   let reg: Registry;
@@ -149,23 +155,3 @@ describe("kiln export progress", () => {
     assert.doesNotMatch(copiedText, /reading layers|writing erofs/);
   });
 });
-
-function scriptMissing(): string | false {
-  return existsSync("/usr/bin/script") ? false : "util-linux script is not installed";
-}
-
-/** Runs a shell command on a pseudo-terminal (util-linux `script`); returns what the terminal showed. */
-function runInPty(cmd: string, env: NodeJS.ProcessEnv): Promise<{ code: number | null; text: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn("script", ["-qfec", cmd, "/dev/null"], {
-      cwd: REPO_ROOT,
-      env: { ...env, TERM: "xterm", COLUMNS: "160", LINES: "40" },
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-    const chunks: Buffer[] = [];
-    child.stdout.on("data", (c: Buffer) => chunks.push(c));
-    child.stderr.on("data", (c: Buffer) => chunks.push(c));
-    child.on("error", reject);
-    child.on("close", (code) => resolve({ code, text: Buffer.concat(chunks).toString("utf8") }));
-  });
-}

@@ -284,3 +284,27 @@ export const BLOB_PATH = /^\/v2\/.+\/blobs\/sha256:[0-9a-f]{64}$/;
 export function escapeRegExp(s: string): string {
   return s.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
 }
+
+/** A test's skip reason when util-linux `script` (for runInPty) is missing. */
+export function scriptMissing(): string | false {
+  return existsSync("/usr/bin/script") ? false : "util-linux script is not installed";
+}
+
+/** Runs a shell command on a pseudo-terminal (util-linux `script`); returns what the terminal showed. */
+export function runInPty(
+  cmd: string,
+  env: NodeJS.ProcessEnv,
+): Promise<{ code: number | null; text: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn("script", ["-qfec", cmd, "/dev/null"], {
+      cwd: REPO_ROOT,
+      env: { ...env, TERM: "xterm", COLUMNS: "160", LINES: "40" },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    const chunks: Buffer[] = [];
+    child.stdout.on("data", (c: Buffer) => chunks.push(c));
+    child.stderr.on("data", (c: Buffer) => chunks.push(c));
+    child.on("error", reject);
+    child.on("close", (code) => resolve({ code, text: Buffer.concat(chunks).toString("utf8") }));
+  });
+}

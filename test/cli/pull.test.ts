@@ -4,8 +4,6 @@
  * a multi-arch index, shared base layers, warm pulls, and progress bars on a terminal.
  */
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
-import { existsSync } from "node:fs";
 import { after, before, describe, it } from "node:test";
 import { makeTempDir, removeDir } from "../helpers/exec.js";
 import { type FaultProxy, startFaultProxy } from "../helpers/faultproxy.js";
@@ -34,9 +32,10 @@ import {
   type ImageRow,
   type InspectJson,
   type PullJson,
-  REPO_ROOT,
+  runInPty,
   type Sandbox,
   sandbox,
+  scriptMissing,
 } from "./kiln.js";
 
 interface Case {
@@ -301,23 +300,3 @@ describe("kiln pull from docker-registry", () => {
     }
   });
 });
-
-function scriptMissing(): string | false {
-  return existsSync("/usr/bin/script") ? false : "util-linux script is not installed";
-}
-
-/** Runs a shell command on a pseudo-terminal (util-linux `script`); returns what the terminal showed. */
-function runInPty(cmd: string, env: NodeJS.ProcessEnv): Promise<{ code: number | null; text: string }> {
-  return new Promise((resolve, reject) => {
-    const child = spawn("script", ["-qec", cmd, "/dev/null"], {
-      cwd: REPO_ROOT,
-      env: { ...env, TERM: "xterm", COLUMNS: "160", LINES: "40" },
-      stdio: ["ignore", "pipe", "pipe"],
-    });
-    const chunks: Buffer[] = [];
-    child.stdout.on("data", (c: Buffer) => chunks.push(c));
-    child.stderr.on("data", (c: Buffer) => chunks.push(c));
-    child.on("error", reject);
-    child.on("close", (code) => resolve({ code, text: Buffer.concat(chunks).toString("utf8") }));
-  });
-}
