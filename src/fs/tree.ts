@@ -80,6 +80,36 @@ export const NO_XATTRS: Map<string, Buffer> = new (class extends Map<string, Buf
   }
 })();
 
+/**
+ * An inode from its attributes, positionally: no options object, for the per-entry paths. Its
+ * fields are in newInode's order, so both make inodes of one shape.
+ */
+export function inodeOf(
+  type: FileType,
+  mode: number,
+  uid: number,
+  gid: number,
+  mtime: number,
+  mtimeNsec: number,
+  xattrs: Map<string, Buffer>,
+): Inode {
+  return {
+    type,
+    mode,
+    uid,
+    gid,
+    mtime,
+    mtimeNsec,
+    size: 0,
+    target: "",
+    rdevMajor: 0,
+    rdevMinor: 0,
+    xattrs,
+    data: undefined,
+    entries: type === "directory" ? new Map() : undefined,
+  };
+}
+
 export function newInode(type: FileType, fields: Partial<Omit<Inode, "type">> = {}): Inode {
   return {
     type,
@@ -100,17 +130,25 @@ export function newInode(type: FileType, fields: Partial<Omit<Inode, "type">> = 
 
 /** Byte-wise order of UTF-8 names: the order on-disk directories and reproducible walks use. */
 export function compareNames(a: string, b: string): number {
-  return Buffer.compare(Buffer.from(a, "utf8"), Buffer.from(b, "utf8"));
+  // UTF-8 byte order is code point order. UTF-16 code units follow it except that a surrogate
+  // (half of a code point above U+FFFF) sorts below U+E000–U+FFFF: the one case fixed up here.
+  // No buffers: this runs for every name of every directory of an image.
+  const n = Math.min(a.length, b.length);
+  for (let i = 0; i < n; i++) {
+    const x = a.charCodeAt(i);
+    const y = b.charCodeAt(i);
+    if (x === y) continue;
+    const xs = x >= 0xd800 && x <= 0xdfff;
+    const ys = y >= 0xd800 && y <= 0xdfff;
+    if (xs !== ys && (xs ? y : x) >= 0xe000) return xs ? 1 : -1;
+    return x - y;
+  }
+  return a.length - b.length;
 }
 
-/** A directory's entries sorted by name bytes. */
 export function sortedEntries(dir: Inode): [string, Inode][] {
   if (!dir.entries) return [];
-  // Encode each name once, not on every comparison: trees have 100k+ entries.
-  return [...dir.entries]
-    .map((e) => ({ e, key: Buffer.from(e[0], "utf8") }))
-    .sort((a, b) => Buffer.compare(a.key, b.key))
-    .map((x) => x.e);
+  return [...dir.entries].sort((a, b) => compareNames(a[0], b[0]));
 }
 
 export interface WalkItem {

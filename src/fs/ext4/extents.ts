@@ -34,6 +34,13 @@ export function toExtents(runs: readonly Run[]): Run[] {
   return out;
 }
 
+/** How many extents toExtents makes of these runs (counted, not built). */
+export function extentCount(runs: readonly { length: number }[]): number {
+  let n = 0;
+  for (const r of runs) n += Math.ceil(r.length / MAX_LEN);
+  return n;
+}
+
 /** Blocks the tree needs beyond the inode for `extents` extents. */
 export function treeBlocks(extents: number): number {
   let total = 0;

@@ -30,7 +30,7 @@ import {
   FT_SYMLINK,
 } from "./dir.js";
 import { hashSeedWords } from "./dirhash.js";
-import { buildTree, type Run, toExtents, treeBlocks } from "./extents.js";
+import { buildTree, extentCount, type Run, toExtents, treeBlocks } from "./extents.js";
 import { buildGroups } from "./group.js";
 import {
   deviceBlock,
@@ -129,9 +129,9 @@ interface Node {
   path: string;
   parent: number;
   links: number;
-  inline: XattrEntry[];
+  inline: readonly XattrEntry[];
   xattrKey: string | undefined;
-  blockXattrs: XattrEntry[];
+  blockXattrs: readonly XattrEntry[];
   xattrBlock: number;
   /** Directory blocks, or the one block of a slow symlink, or file data blocks. */
   blocks: number;
@@ -144,6 +144,11 @@ interface Node {
   start: number;
   treeStart: number;
 }
+
+const NO_PLACEMENT: { readonly inline: readonly XattrEntry[]; readonly block: readonly XattrEntry[] } = {
+  inline: Object.freeze([]),
+  block: Object.freeze([]),
+};
 
 function fail(code: "UNSUPPORTED_ARCHIVE" | "INTERNAL", message: string): never {
   throw new KilnError(code, message);
@@ -207,7 +212,7 @@ interface Plan {
   geometry: Geometry;
   usedBlocks: number;
   usedInodes: number;
-  xattrBlocks: Map<string, { block: number; refcount: number; entries: XattrEntry[] }>;
+  xattrBlocks: Map<string, { block: number; refcount: number; entries: readonly XattrEntry[] }>;
   files: Inode[];
   lostFound: Inode | undefined;
   hashSeed: Uint32Array;
@@ -235,7 +240,8 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
       ino = FIRST_INODE;
     else ino = nextIno++;
     const where = item.path === "" ? "/" : `/${item.path}`;
-    const placed = placeXattrs(encodeXattrs(inode.xattrs, where), where);
+    // Most inodes have no attributes: they share one empty placement instead of three arrays each.
+    const placed = inode.xattrs.size === 0 ? NO_PLACEMENT : placeXattrs(encodeXattrs(inode.xattrs, where), where);
     const node: Node = {
       ino,
       inode,
@@ -287,12 +293,12 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
       node.mapped = mappedRuns(inode);
       node.blocks = node.mapped.reduce((s, r) => s + r.length, 0);
     }
-    node.extents = toExtents(node.mapped.map((r) => ({ ...r, physical: 0 }))).length;
+    node.extents = extentCount(node.mapped);
     node.tree = treeBlocks(node.extents);
   }
 
   // Shared attribute blocks, counted once each (a block holds at most MAX_XATTR_REFCOUNT users).
-  const xattrBlocks = new Map<string, { block: number; refcount: number; entries: XattrEntry[] }>();
+  const xattrBlocks = new Map<string, { block: number; refcount: number; entries: readonly XattrEntry[] }>();
   let xattrCount = 0;
   const users = new Map<string, number>();
   for (const node of nodes) {
@@ -500,9 +506,9 @@ async function writeSparseFile(
   if (fill > 0) await flush();
 }
 
-function inodeBytes(p: Plan, node: Node): Buffer {
+/** Encodes node's inode into `buf` (its INODE_SIZE bytes of the inode table, zeroed). */
+function encodeNode(p: Plan, node: Node, buf: Buffer): void {
   const inode = node.inode;
-  const buf = Buffer.alloc(INODE_SIZE);
   const seed = inodeSeed(p.fsSeed, node.ino);
   let block: Buffer = Buffer.alloc(60);
   let flags = 0;
@@ -535,7 +541,6 @@ function inodeBytes(p: Plan, node: Node): Buffer {
   });
   writeInlineXattrs(buf, node.inline);
   sealInode(buf, seed);
-  return buf;
 }
 
 function journalTree(p: Plan, j: JournalPlan): ReturnType<typeof buildTree> {
@@ -602,7 +607,8 @@ async function writeMetadata(p: Plan, opts: Ext4Options, sink: BlockSink): Promi
     await sink.drainIfLarge();
   }
   // Inode tables, one group at a time (only the part holding used inodes; the rest is a hole).
-  const byIno = new Map(p.nodes.map((n) => [n.ino, n]));
+  const byIno = new Array<Node | undefined>(p.usedInodes + 1);
+  for (const n of p.nodes) byIno[n.ino] = n;
   const dirsPerGroup = new Array<number>(g.groups).fill(0);
   for (let grp = 0; grp < g.groups; grp++) {
     const first = grp * g.inodesPerGroup + 1;
@@ -614,9 +620,10 @@ async function writeMetadata(p: Plan, opts: Ext4Options, sink: BlockSink): Promi
         journalInodeBytes(p, j, opts.buildTime ?? 0).copy(table, i * INODE_SIZE);
         continue;
       }
-      const node = byIno.get(first + i);
+      const node = byIno[first + i];
       if (!node) continue; // other reserved inodes stay zero
-      inodeBytes(p, node).copy(table, i * INODE_SIZE);
+      // In place: a buffer per inode would be 100k+ small allocations for a big image.
+      encodeNode(p, node, table.subarray(i * INODE_SIZE, (i + 1) * INODE_SIZE));
       if (node.inode.type === "directory") dirsPerGroup[grp]!++;
     }
     sink.put(g.inodeTableStart + grp * g.inodeTableBlocks, table);
