@@ -241,7 +241,8 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
     else ino = nextIno++;
     const where = item.path === "" ? "/" : `/${item.path}`;
     // Most inodes have no attributes: they share one empty placement instead of three arrays each.
-    const placed = inode.xattrs.size === 0 ? NO_PLACEMENT : placeXattrs(encodeXattrs(inode.xattrs, where), where);
+    const placed =
+      inode.xattrs.size === 0 ? NO_PLACEMENT : placeXattrs(encodeXattrs(inode.xattrs, where), where);
     const node: Node = {
       ino,
       inode,
