@@ -104,6 +104,20 @@ export function buildDirectory(
   return { blocks: buildHtree(dot, dotdot, entries, hashSeed, seed), indexed: true };
 }
 
+/**
+ * What buildDirectory would make, counted without making it: the plan needs every directory's
+ * size before any is written, and building them all twice would allocate a block per directory.
+ */
+export function directoryShape(
+  entries: readonly DirEntry[],
+  hashSeed: Uint32Array,
+  emptyBlocks = 0,
+): { blocks: number; indexed: boolean } {
+  if (fitsOneBlock(entries)) return { blocks: 1 + emptyBlocks, indexed: false };
+  const leaves = htreeLeaves(entries, hashSeed).filled.length;
+  return { blocks: 1 + htreeNodes(leaves, entries.length) + leaves, indexed: true };
+}
+
 function sealDx(b: Buffer, countOffset: number, limit: number, seed: number): void {
   const count = b.readUInt16LE(countOffset + 2);
   const tail = countOffset + limit * 8;
@@ -125,13 +139,11 @@ function putDxEntries(b: Buffer, off: number, limit: number, items: readonly [nu
   }
 }
 
-function buildHtree(
-  dot: DirEntry,
-  dotdot: DirEntry,
+/** An htree's leaves (entries in hash order, packed) and the hash each leaf starts at. */
+function htreeLeaves(
   entries: readonly DirEntry[],
   hashSeed: Uint32Array,
-  seed: number,
-): Buffer[] {
+): { filled: DirEntry[][]; starts: number[] } {
   const hashed = entries.map((e) => ({ e, h: dirHash(e.name, hashSeed) }));
   hashed.sort((a, b) => a.h[0] - b.h[0] || a.h[1] - b.h[1] || Buffer.compare(a.e.name, b.e.name));
   // Entries with the same major hash stay in one leaf, so no continuation bits are needed.
@@ -161,16 +173,29 @@ function buildHtree(
     i += group.length;
   }
   filled.push(cur);
+  return { filled, starts };
+}
 
-  const nLeaves = filled.length;
-  const twoLevels = nLeaves > ROOT_LIMIT;
-  const nNodes = twoLevels ? Math.ceil(nLeaves / NODE_LIMIT) : 0;
+/** Index blocks below the root for `nLeaves` leaves (0: the root indexes them all). */
+function htreeNodes(nLeaves: number, entries: number): number {
+  const nNodes = nLeaves > ROOT_LIMIT ? Math.ceil(nLeaves / NODE_LIMIT) : 0;
   if (nNodes > ROOT_LIMIT) {
-    throw new KilnError(
-      "TOO_LARGE",
-      `directory with ${entries.length} entries is too large for an ext4 htree`,
-    );
+    throw new KilnError("TOO_LARGE", `directory with ${entries} entries is too large for an ext4 htree`);
   }
+  return nNodes;
+}
+
+function buildHtree(
+  dot: DirEntry,
+  dotdot: DirEntry,
+  entries: readonly DirEntry[],
+  hashSeed: Uint32Array,
+  seed: number,
+): Buffer[] {
+  const { filled, starts } = htreeLeaves(entries, hashSeed);
+  const nLeaves = filled.length;
+  const nNodes = htreeNodes(nLeaves, entries.length);
+  const twoLevels = nNodes > 0;
   const firstLeaf = 1 + nNodes;
   const root = Buffer.alloc(BLOCK_SIZE);
   putEntry(root, 0, dot, 12);

@@ -12,7 +12,6 @@ import {
   type ContentSource,
   dataOrder,
   type Inode,
-  linkCounts,
   MemoryContent,
   newInode,
   sortedEntries,
@@ -21,6 +20,7 @@ import {
 import {
   buildDirectory,
   type DirEntry,
+  directoryShape,
   FT_BLK,
   FT_CHR,
   FT_DIR,
@@ -222,16 +222,20 @@ interface Plan {
 function plan(withLostFound: Inode, opts: Ext4Options): Plan {
   const fsSeed = checksumSeed(opts.uuid);
   const hashSeed = hashSeedWords(opts.hashSeed);
-  const counts = linkCounts(withLostFound);
   const byInode = new Map<Inode, Node>();
   const nodes: Node[] = [];
   // Inode 11 is lost+found; a tree whose lost+found is not a directory gets no such inode.
   const lostFound = withLostFound.entries!.get(LOST_FOUND);
   const lostFoundIno = lostFound?.type === "directory" ? FIRST_INODE : 0;
   let nextIno = lostFoundIno ? FIRST_INODE + 1 : FIRST_INODE;
+  // Link counts come from this same walk (linkCounts would walk the tree again): a file's from its
+  // names, a directory's from "." and its name plus each subdirectory's "..".
   for (const item of walk(withLostFound)) {
-    if (!item.first) continue;
     const inode = item.inode;
+    if (!item.first) {
+      if (inode.type !== "directory") byInode.get(inode)!.links++;
+      continue;
+    }
     if (Buffer.byteLength(item.name, "utf8") > 255)
       fail("UNSUPPORTED_ARCHIVE", `${item.path}: name longer than 255 bytes`);
     let ino: number;
@@ -248,7 +252,7 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
       inode,
       path: where,
       parent: item.parent ? byInode.get(item.parent)!.ino : ROOT_INODE,
-      links: counts.get(inode) ?? 1,
+      links: inode.type === "directory" ? 2 : 1,
       inline: placed.inline,
       xattrKey: placed.block.length > 0 ? blockKey(placed.block) : undefined,
       blockXattrs: placed.block,
@@ -261,9 +265,12 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
       start: 0,
       treeStart: 0,
     };
-    if (inode.type === "directory" && node.links > MAX_LINKS) node.links = 1; // dir_nlink
+    if (inode.type === "directory" && item.parent) byInode.get(item.parent)!.links++;
     byInode.set(inode, node);
     nodes.push(node);
+  }
+  for (const node of nodes) {
+    if (node.inode.type === "directory" && node.links > MAX_LINKS) node.links = 1; // dir_nlink
   }
   nodes.sort((a, b) => a.ino - b.ino);
 
@@ -271,15 +278,12 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
   for (const node of nodes) {
     const inode = node.inode;
     if (inode.type === "directory") {
-      const d = buildDirectory(
-        node.ino,
-        node.parent,
+      const d = directoryShape(
         dirEntries(inode, byInode),
         hashSeed,
-        0,
         inode === lostFound ? LOST_FOUND_BLOCKS - 1 : 0,
       );
-      node.blocks = d.blocks.length;
+      node.blocks = d.blocks;
       node.indexed = d.indexed;
       node.mapped = [{ logical: 0, length: node.blocks }];
     } else if (inode.type === "symlink") {
