@@ -237,9 +237,9 @@ function layerContent(
   report: Reporter,
   reportLayers = true,
 ): ContentSource {
-  return new LayerContent(async (i) => {
+  return new LayerContent(async (i, transient) => {
     if (reportLayers) report.layer(i, image.layers.length);
-    return files.tar(i, "content", report.onBytes);
+    return files.tar(i, "content", report.onBytes, transient);
   });
 }
 

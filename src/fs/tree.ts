@@ -206,13 +206,23 @@ export function dataOrder(root: Inode): Inode[] {
 }
 
 /** The bytes of regular files, delivered in dataOrder. */
+export interface ContentOptions {
+  /** The consumer is done with a chunk once it asks for the next one (see ContentSource). */
+  readonly transient?: boolean | undefined;
+}
+
 export interface ContentSource {
   /**
    * Yields each file's logical content (exactly `inode.size` bytes, holes of sparse files as zeros),
    * in the order given, which must be dataOrder's. Each `data` must be consumed before the next item.
-   * A chunk, once yielded, belongs to the consumer (it may be kept, batched): never reuse its memory.
+   * A chunk, once yielded, belongs to the consumer (it may be kept, batched): never reuse its memory,
+   * unless the consumer says `transient`: it copies what it keeps before asking for the next chunk,
+   * so the source may read the next ones into the same memory.
    */
-  contents(files: readonly Inode[]): AsyncIterable<{ inode: Inode; data: AsyncIterable<Buffer> }>;
+  contents(
+    files: readonly Inode[],
+    opts?: ContentOptions,
+  ): AsyncIterable<{ inode: Inode; data: AsyncIterable<Buffer> }>;
 }
 
 /** A ContentSource over buffers in memory, for tests and tiny trees. */

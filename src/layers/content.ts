@@ -5,19 +5,23 @@
  * given as a ByteSource over a file skips what lies between files without reading it.
  */
 import { KilnError } from "../errors.js";
-import type { ContentSource, Inode } from "../fs/tree.js";
+import type { ContentOptions, ContentSource, Inode } from "../fs/tree.js";
 import { ByteReader, type ByteSource, isByteSource, sparseContent } from "../tar/reader.js";
 
 /**
  * Opens layer `index`'s uncompressed tar: a stream (e.g. openLayerStream over its blob), or a
  * ByteSource (e.g. a FileByteSource over an uncompressed blob).
  */
-export type OpenLayer = (index: number) => Promise<AsyncIterable<Buffer> | ByteSource>;
+/** `transient`: the consumer copies each chunk before asking for the next (ContentOptions). */
+export type OpenLayer = (index: number, transient: boolean) => Promise<AsyncIterable<Buffer> | ByteSource>;
 
 export class LayerContent implements ContentSource {
   constructor(private readonly openLayer: OpenLayer) {}
 
-  async *contents(files: readonly Inode[]): AsyncIterable<{ inode: Inode; data: AsyncIterable<Buffer> }> {
+  async *contents(
+    files: readonly Inode[],
+    opts: ContentOptions = {},
+  ): AsyncIterable<{ inode: Inode; data: AsyncIterable<Buffer> }> {
     let layer = -1;
     let reader: ByteSource | undefined;
     const truncated = (what: string) =>
@@ -36,7 +40,7 @@ export class LayerContent implements ContentSource {
           if (reader) await reader.drain();
           await reader?.close();
           layer = ref.layer;
-          const input = await this.openLayer(layer);
+          const input = await this.openLayer(layer, opts.transient === true);
           reader = isByteSource(input) ? input : new ByteReader(input, truncated);
         }
         const r = reader!;

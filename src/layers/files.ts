@@ -128,6 +128,8 @@ export class LayerFiles {
     i: number,
     pass: LayerPass,
     onBytes?: ((n: number) => void) | undefined,
+    /** Pass 2's consumer copies each chunk before asking for the next: windows may be reused. */
+    transient = false,
   ): Promise<AsyncIterable<Buffer> | ByteSource> {
     const opened = await this.#open(i);
     const { fh, size, raw, spool } = opened;
@@ -135,6 +137,7 @@ export class LayerFiles {
       return new FileByteSource(fh, size, {
         window: pass === "headers" ? HEADER_WINDOW : READ_CHUNK,
         readAhead: pass === "content" ? true : "sequential",
+        reuse: pass === "content" && transient,
         onAdvance: onBytes,
       });
     }
@@ -150,7 +153,11 @@ export class LayerFiles {
             told = now;
           }
         : undefined;
-      return new FileByteSource(spool.fh, spool.size, { window: READ_CHUNK, onAdvance: scaled });
+      return new FileByteSource(spool.fh, spool.size, {
+        window: READ_CHUNK,
+        reuse: transient,
+        onAdvance: scaled,
+      });
     }
     const layer = this.#layers[i]!;
     const stream = openLayerStream(readChunks(fh, size, onBytes), {

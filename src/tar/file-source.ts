@@ -5,8 +5,9 @@
  *
  * Reads go through a window: the bytes at the position and after it, read in one call, so the many
  * small reads of a tar (headers, small files, padding) cost few system calls. When the reader moves
- * past the window in order, the next window was already read (one read ahead). Windows are never
- * reused: a slice handed out stays valid for as long as its holder keeps it.
+ * past the window in order, the next window was already read (one read ahead). Windows are not
+ * reused (a slice handed out stays valid for as long as its holder keeps it) unless `reuse` says
+ * the reader's consumer copies what it keeps.
  */
 import type { FileHandle } from "node:fs/promises";
 import { KilnError } from "../errors.js";
@@ -21,6 +22,12 @@ export interface FileSourceOptions {
    * files it jumps past the next window, which would be read for nothing).
    */
   readonly readAhead?: boolean | "sequential" | undefined;
+  /**
+   * Read windows into a ring of three buffers instead of new ones: a slice is then valid only until
+   * the consumer asks for more. For a consumer that copies each chunk first: one fresh 1 MiB buffer
+   * per MiB read is garbage V8 frees only once tens of MiB of it pile up (peak memory).
+   */
+  readonly reuse?: boolean | undefined;
   /** Told every move forward (read or skipped bytes), for progress. */
   readonly onAdvance?: ((n: number) => void) | undefined;
   /** The error for a file that ends inside something (`what`). */
@@ -34,6 +41,10 @@ export class FileByteSource implements ByteSource {
   readonly #truncated: (what: string) => KilnError;
   readonly #readAhead: boolean | "sequential";
   readonly #onAdvance: ((n: number) => void) | undefined;
+  readonly #reuse: boolean;
+  /** Reuse: the current window, the one read ahead, and one more of slack, taken in turn. */
+  readonly #ring: Buffer[] = [];
+  #ringNext = 0;
   #window: Buffer = Buffer.alloc(0);
   #windowStart = 0;
   /** The window after the current one, being read. */
@@ -58,13 +69,15 @@ export class FileByteSource implements ByteSource {
     this.#windowSize = opts.window ?? 1 << 20;
     this.#readAhead = opts.readAhead ?? true;
     this.#onAdvance = opts.onAdvance;
+    this.#reuse = opts.reuse ?? false;
     this.#truncated =
       opts.truncated ?? ((what) => new KilnError("INVALID_ARCHIVE", `truncated archive: ${what}`));
   }
 
   #readAt(start: number, length: number): Promise<Buffer> {
     const p = (async () => {
-      const buf = Buffer.allocUnsafe(length);
+      const buf =
+        this.#reuse && length <= this.#windowSize ? this.#ringBuffer(length) : Buffer.allocUnsafe(length);
       let got = 0;
       while (got < length) {
         const { bytesRead } = await this.#fh.read(buf, got, length - got, start + got);
@@ -77,6 +90,13 @@ export class FileByteSource implements ByteSource {
     // Read-ahead that nobody awaits must not count as an unhandled rejection.
     p.catch(() => {});
     return p;
+  }
+
+  #ringBuffer(length: number): Buffer {
+    const i = this.#ringNext;
+    this.#ringNext = (i + 1) % 3;
+    this.#ring[i] ??= Buffer.allocUnsafe(this.#windowSize);
+    return this.#ring[i].subarray(0, length);
   }
 
   /** Bytes of the window from the position on (0 when the position is outside it). */
@@ -96,6 +116,8 @@ export class FileByteSource implements ByteSource {
       this.#window = await ahead.read;
       this.#windowStart = ahead.start;
     } else {
+      // A read ahead not used still fills its ring buffer: let it finish before the ring comes round.
+      if (ahead && this.#reuse) await ahead.read.catch(() => {});
       this.#window = await this.#readAt(start, Math.min(Math.max(n, this.#windowSize), this.#size - start));
       this.#windowStart = start;
     }

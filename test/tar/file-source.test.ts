@@ -59,7 +59,7 @@ async function* chunks(buf: Buffer, size = 4099): AsyncGenerator<Buffer> {
 /** Runs `fn` over a FileByteSource on `file`; counts the bytes it moved over. */
 async function withSource<T>(
   file: string,
-  opts: { window?: number; readAhead?: boolean },
+  opts: { window?: number; readAhead?: boolean; reuse?: boolean },
   fn: (src: FileByteSource) => Promise<T>,
 ): Promise<{ result: T; advanced: number }> {
   const fh = await open(file, "r");
@@ -146,6 +146,43 @@ describe("FileByteSource", () => {
       }
     });
     assert.ok(Buffer.concat(kept).equals(bytes));
+  });
+
+  test("reuse: a consumer that copies each chunk gets every byte, across skips past the read-ahead", async () => {
+    const bytes = readFileSync(gnuTar);
+    // Deterministic steps: takes and skips, short and longer than the 4096-byte window.
+    const steps: [op: "take" | "skip", n: number][] = [];
+    for (let i = 0, pos = 0; pos < bytes.length; i++) {
+      const n = Math.min(bytes.length - pos, [100, 5000, 4096, 9000, 1, 20_000, 4095][i % 7]!);
+      steps.push([i % 3 === 2 ? "skip" : "take", n]);
+      pos += n;
+    }
+    const copied: Buffer[] = [];
+    const wanted: Buffer[] = [];
+    await withSource(gnuTar, { window: 4096, reuse: true }, async (src) => {
+      let pos = 0;
+      for (const [op, n] of steps) {
+        if (op === "skip") await src.skip(n, "gap");
+        else {
+          for await (const c of src.take(n, "data")) copied.push(Buffer.from(c));
+          wanted.push(bytes.subarray(pos, pos + n));
+        }
+        pos += n;
+      }
+    });
+    assert.ok(Buffer.concat(copied).equals(Buffer.concat(wanted)));
+  });
+
+  test("reuse: windows are read into three buffers in turn, not one new buffer each", async () => {
+    const memory = async (reuse: boolean) => {
+      const seen = new Set<ArrayBufferLike>();
+      await withSource(gnuTar, { window: 4096, reuse }, async (src) => {
+        for await (const c of src.take(readFileSync(gnuTar).length, "all")) seen.add(c.buffer);
+      });
+      return seen.size;
+    };
+    assert.equal(await memory(true), 3);
+    assert.ok((await memory(false)) > 100);
   });
 
   test("an archive without end blocks ends after its last entry", async () => {

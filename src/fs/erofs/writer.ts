@@ -133,7 +133,8 @@ async function writeDirAndLinkBlocks(fh: FileHandle, layout: Layout): Promise<vo
 async function writeContents(fh: FileHandle, layout: Layout, content: ContentSource): Promise<void> {
   const stream = new DataStream(fh, BLOCK_SIZE);
   let index = 0;
-  for await (const { inode, data } of content.contents(layout.files)) {
+  // Transient: every chunk is copied (into the data stream or the tail) before the next is asked for.
+  for await (const { inode, data } of content.contents(layout.files, { transient: true })) {
     const node = layout.byInode.get(inode);
     if (inode !== layout.files[index] || !node)
       throw new KilnError("INTERNAL", "content source delivered files out of dataOrder");

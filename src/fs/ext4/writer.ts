@@ -449,7 +449,8 @@ class BlockSink {
 async function writeData(p: Plan, content: ContentSource, fh: FileHandle): Promise<void> {
   const first = p.files[0] ? p.byInode.get(p.files[0])!.start : 0;
   const stream = new DataStream(fh, first * BLOCK_SIZE);
-  for await (const { inode, data } of content.contents(p.files)) {
+  // Transient: every chunk is copied (into the data stream or a block) before the next is asked for.
+  for await (const { inode, data } of content.contents(p.files, { transient: true })) {
     const node = p.byInode.get(inode);
     if (!node) fail("INTERNAL", "content source yielded a file that is not in the tree");
     let received = 0;
