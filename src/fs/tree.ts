@@ -81,8 +81,8 @@ export const NO_XATTRS: Map<string, Buffer> = new (class extends Map<string, Buf
 })();
 
 /**
- * An inode from its attributes, positionally: no options object, for the per-entry paths. Its
- * fields are in newInode's order, so both make inodes of one shape.
+ * An inode from its attributes, positionally: no options object, for the per-entry paths. newInode
+ * builds on it, so every inode has the one shape.
  */
 export function inodeOf(
   type: FileType,
@@ -111,21 +111,22 @@ export function inodeOf(
 }
 
 export function newInode(type: FileType, fields: Partial<Omit<Inode, "type">> = {}): Inode {
-  return {
+  const inode = inodeOf(
     type,
-    mode: fields.mode ?? (type === "directory" ? 0o755 : 0o644),
-    uid: fields.uid ?? 0,
-    gid: fields.gid ?? 0,
-    mtime: fields.mtime ?? 0,
-    mtimeNsec: fields.mtimeNsec ?? 0,
-    size: fields.size ?? 0,
-    target: fields.target ?? "",
-    rdevMajor: fields.rdevMajor ?? 0,
-    rdevMinor: fields.rdevMinor ?? 0,
-    xattrs: fields.xattrs ?? NO_XATTRS,
-    data: fields.data,
-    entries: type === "directory" ? (fields.entries ?? new Map()) : undefined,
-  };
+    fields.mode ?? (type === "directory" ? 0o755 : 0o644),
+    fields.uid ?? 0,
+    fields.gid ?? 0,
+    fields.mtime ?? 0,
+    fields.mtimeNsec ?? 0,
+    fields.xattrs ?? NO_XATTRS,
+  );
+  inode.size = fields.size ?? 0;
+  inode.target = fields.target ?? "";
+  inode.rdevMajor = fields.rdevMajor ?? 0;
+  inode.rdevMinor = fields.rdevMinor ?? 0;
+  inode.data = fields.data;
+  if (type === "directory" && fields.entries) inode.entries = fields.entries;
+  return inode;
 }
 
 /** Byte-wise order of UTF-8 names: the order on-disk directories and reproducible walks use. */
@@ -146,6 +147,7 @@ export function compareNames(a: string, b: string): number {
   return a.length - b.length;
 }
 
+/** A directory's entries sorted by name bytes. */
 export function sortedEntries(dir: Inode): [string, Inode][] {
   if (!dir.entries) return [];
   return [...dir.entries].sort((a, b) => compareNames(a[0], b[0]));
@@ -205,12 +207,12 @@ export function dataOrder(root: Inode): Inode[] {
   return files.sort((a, b) => a.data!.layer - b.data!.layer || a.data!.offset - b.data!.offset);
 }
 
-/** The bytes of regular files, delivered in dataOrder. */
 export interface ContentOptions {
   /** The consumer is done with a chunk once it asks for the next one (see ContentSource). */
   readonly transient?: boolean | undefined;
 }
 
+/** The bytes of regular files, delivered in dataOrder. */
 export interface ContentSource {
   /**
    * Yields each file's logical content (exactly `inode.size` bytes, holes of sparse files as zeros),

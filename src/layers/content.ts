@@ -10,9 +10,9 @@ import { ByteReader, type ByteSource, isByteSource, sparseContent } from "../tar
 
 /**
  * Opens layer `index`'s uncompressed tar: a stream (e.g. openLayerStream over its blob), or a
- * ByteSource (e.g. a FileByteSource over an uncompressed blob).
+ * ByteSource (e.g. a FileByteSource over an uncompressed blob). `transient`: the consumer copies
+ * each chunk before asking for the next (ContentOptions), so the source may reuse its buffers.
  */
-/** `transient`: the consumer copies each chunk before asking for the next (ContentOptions). */
 export type OpenLayer = (index: number, transient: boolean) => Promise<AsyncIterable<Buffer> | ByteSource>;
 
 export class LayerContent implements ContentSource {

@@ -269,15 +269,13 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
     byInode.set(inode, node);
     nodes.push(node);
   }
-  for (const node of nodes) {
-    if (node.inode.type === "directory" && node.links > MAX_LINKS) node.links = 1; // dir_nlink
-  }
   nodes.sort((a, b) => a.ino - b.ino);
 
   // Block counts (positions come later; directory contents do not depend on them).
   for (const node of nodes) {
     const inode = node.inode;
     if (inode.type === "directory") {
+      if (node.links > MAX_LINKS) node.links = 1; // dir_nlink
       const d = directoryShape(
         dirEntries(inode, byInode),
         hashSeed,
