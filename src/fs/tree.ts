@@ -163,20 +163,36 @@ export interface WalkItem {
   readonly first: boolean;
 }
 
-/** Depth-first, parents before children, names in byte order: the same order on every run. */
+/** A directory's names sorted by their bytes (no [name, inode] pair per entry). */
+export function sortedNames(dir: Inode): string[] {
+  return dir.entries ? [...dir.entries.keys()].sort(compareNames) : [];
+}
+
+/**
+ * Depth-first, parents before children, names in byte order: the same order on every run.
+ * Iterative, with one frame per open directory: nested generators would pass every item up
+ * through each level above it.
+ */
 export function* walk(root: Inode): Generator<WalkItem> {
-  const seen = new Set<Inode>();
-  function* visit(path: string, name: string, inode: Inode, parent: Inode | undefined): Generator<WalkItem> {
-    const first = !seen.has(inode);
-    seen.add(inode);
-    yield { path, name, inode, parent, first };
-    if (inode.type === "directory" && first) {
-      for (const [childName, child] of sortedEntries(inode)) {
-        yield* visit(path === "" ? childName : `${path}/${childName}`, childName, child, inode);
-      }
+  const seen = new Set<Inode>([root]);
+  yield { path: "", name: "", inode: root, parent: undefined, first: true };
+  if (root.type !== "directory") return;
+  const stack = [{ path: "", dir: root, names: sortedNames(root), next: 0 }];
+  while (stack.length > 0) {
+    const top = stack[stack.length - 1]!;
+    if (top.next === top.names.length) {
+      stack.pop();
+      continue;
     }
+    const name = top.names[top.next++]!;
+    const inode = top.dir.entries!.get(name)!;
+    const path = top.path === "" ? name : `${top.path}/${name}`;
+    const first = !seen.has(inode);
+    if (first) seen.add(inode);
+    yield { path, name, inode, parent: top.dir, first };
+    if (first && inode.type === "directory")
+      stack.push({ path, dir: inode, names: sortedNames(inode), next: 0 });
   }
-  yield* visit("", "", root, undefined);
 }
 
 /** Link counts as filesystems define them: names for non-directories, 2 + subdirectories for directories. */
@@ -204,6 +220,11 @@ export function dataOrder(root: Inode): Inode[] {
   const files: Inode[] = [];
   for (const item of walk(root))
     if (item.first && item.inode.type === "file" && item.inode.data) files.push(item.inode);
+  return sortDataOrder(files);
+}
+
+/** Sorts regular files with data (each once) into dataOrder, in place, for a writer that walked already. */
+export function sortDataOrder(files: Inode[]): Inode[] {
   return files.sort((a, b) => a.data!.layer - b.data!.layer || a.data!.offset - b.data!.offset);
 }
 

@@ -10,11 +10,11 @@ import { KilnError } from "../../errors.js";
 import { DataStream, isZeroRange } from "../datastream.js";
 import {
   type ContentSource,
-  dataOrder,
   type Inode,
   MemoryContent,
   newInode,
-  sortedEntries,
+  sortDataOrder,
+  sortedNames,
   walk,
 } from "../tree.js";
 import {
@@ -125,8 +125,6 @@ const DIRENT_TYPES: Record<Inode["type"], number> = {
 interface Node {
   ino: number;
   inode: Inode;
-  /** First path naming it, for error messages. */
-  path: string;
   parent: number;
   links: number;
   inline: readonly XattrEntry[];
@@ -135,8 +133,8 @@ interface Node {
   xattrBlock: number;
   /** Directory blocks, or the one block of a slow symlink, or file data blocks. */
   blocks: number;
-  /** Logical runs of a file that have blocks (all of it unless sparse). */
-  mapped: { logical: number; length: number }[];
+  /** Logical runs that have blocks: ALL_BLOCKS (0 to `blocks`) unless a sparse file's. */
+  mapped: readonly { logical: number; length: number }[];
   extents: number;
   tree: number;
   indexed: boolean;
@@ -150,16 +148,19 @@ const NO_PLACEMENT: { readonly inline: readonly XattrEntry[]; readonly block: re
   block: Object.freeze([]),
 };
 
+/** The usual mapping, shared: every block from logical block 0 (marked by identity, not copied). */
+const ALL_BLOCKS: readonly { logical: number; length: number }[] = Object.freeze([]);
+
 function fail(code: "UNSUPPORTED_ARCHIVE" | "INTERNAL", message: string): never {
   throw new KilnError(code, message);
 }
 
 /** Logical block runs that hold data: everything, or for sparse files the blocks their regions touch. */
-function mappedRuns(inode: Inode): { logical: number; length: number }[] {
+function mappedRuns(inode: Inode): readonly { logical: number; length: number }[] {
   const total = Math.ceil(inode.size / BLOCK_SIZE);
   if (total === 0 || !inode.data) return [];
   const sparse = inode.data.sparse;
-  if (!sparse) return [{ logical: 0, length: total }];
+  if (!sparse) return ALL_BLOCKS;
   const spans = sparse
     .filter((r) => r.size > 0)
     .map(
@@ -179,10 +180,16 @@ function mappedRuns(inode: Inode): { logical: number; length: number }[] {
   return runs;
 }
 
+/** A node's mapped runs as a list (ALL_BLOCKS spelled out). */
+function logicalRuns(node: Node): readonly { logical: number; length: number }[] {
+  if (node.mapped !== ALL_BLOCKS) return node.mapped;
+  return node.blocks > 0 ? [{ logical: 0, length: node.blocks }] : [];
+}
+
 function physicalRuns(node: Node): Run[] {
   const runs: Run[] = [];
   let phys = node.start;
-  for (const r of node.mapped) {
+  for (const r of logicalRuns(node)) {
     runs.push({ logical: r.logical, physical: phys, length: r.length });
     phys += r.length;
   }
@@ -190,11 +197,16 @@ function physicalRuns(node: Node): Run[] {
 }
 
 function dirEntries(dir: Inode, nodes: Map<Inode, Node>): DirEntry[] {
-  return sortedEntries(dir).map(([name, child]) => ({
-    name: Buffer.from(name, "utf8"),
-    ino: nodes.get(child)!.ino,
-    type: DIRENT_TYPES[child.type],
-  }));
+  return sortedNames(dir).map((name) => {
+    const child = dir.entries!.get(name)!;
+    return { name: Buffer.from(name, "utf8"), ino: nodes.get(child)!.ino, type: DIRENT_TYPES[child.type] };
+  });
+}
+
+/** Where `inode` is in the tree, for the rare error about it (nodes keep no path: one per inode adds up). */
+function pathOf(root: Inode, inode: Inode): string {
+  for (const item of walk(root)) if (item.inode === inode) return `/${item.path}`;
+  return "(not in the tree)";
 }
 
 /** The journal's contiguous run of blocks and its extent tree blocks (over 4 extents). */
@@ -206,6 +218,7 @@ interface JournalPlan {
 }
 
 interface Plan {
+  root: Inode;
   journal: JournalPlan | undefined;
   nodes: Node[];
   byInode: Map<Inode, Node>;
@@ -228,6 +241,8 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
   const lostFound = withLostFound.entries!.get(LOST_FOUND);
   const lostFoundIno = lostFound?.type === "directory" ? FIRST_INODE : 0;
   let nextIno = lostFoundIno ? FIRST_INODE + 1 : FIRST_INODE;
+  // Regular files with data, put in dataOrder below (dataOrder would walk the tree again).
+  const files: Inode[] = [];
   // Link counts come from this same walk (linkCounts would walk the tree again): a file's from its
   // names, a directory's from "." and its name plus each subdirectory's "..".
   for (const item of walk(withLostFound)) {
@@ -244,13 +259,15 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
       ino = FIRST_INODE;
     else ino = nextIno++;
     const where = item.path === "" ? "/" : `/${item.path}`;
+    if (inode.type === "symlink" && Buffer.byteLength(inode.target, "utf8") >= BLOCK_SIZE)
+      fail("UNSUPPORTED_ARCHIVE", `${where}: symlink target longer than ${BLOCK_SIZE - 1} bytes`);
+    if (inode.type === "file" && inode.data) files.push(inode);
     // Most inodes have no attributes: they share one empty placement instead of three arrays each.
     const placed =
       inode.xattrs.size === 0 ? NO_PLACEMENT : placeXattrs(encodeXattrs(inode.xattrs, where), where);
     const node: Node = {
       ino,
       inode,
-      path: where,
       parent: item.parent ? byInode.get(item.parent)!.ino : ROOT_INODE,
       links: inode.type === "directory" ? 2 : 1,
       inline: placed.inline,
@@ -258,7 +275,7 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
       blockXattrs: placed.block,
       xattrBlock: 0,
       blocks: 0,
-      mapped: [],
+      mapped: ALL_BLOCKS,
       extents: 0,
       tree: 0,
       indexed: false,
@@ -283,20 +300,17 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
       );
       node.blocks = d.blocks;
       node.indexed = d.indexed;
-      node.mapped = [{ logical: 0, length: node.blocks }];
     } else if (inode.type === "symlink") {
-      const len = Buffer.byteLength(inode.target, "utf8");
-      if (len >= BLOCK_SIZE)
-        fail("UNSUPPORTED_ARCHIVE", `${node.path}: symlink target longer than ${BLOCK_SIZE - 1} bytes`);
-      if (len > FAST_SYMLINK_MAX) {
-        node.blocks = 1;
-        node.mapped = [{ logical: 0, length: 1 }];
-      }
+      if (Buffer.byteLength(inode.target, "utf8") > FAST_SYMLINK_MAX) node.blocks = 1;
     } else if (inode.type === "file") {
       node.mapped = mappedRuns(inode);
-      node.blocks = node.mapped.reduce((s, r) => s + r.length, 0);
+      node.blocks =
+        node.mapped === ALL_BLOCKS
+          ? Math.ceil(inode.size / BLOCK_SIZE)
+          : node.mapped.reduce((s, r) => s + r.length, 0);
     }
-    node.extents = extentCount(node.mapped);
+    node.extents =
+      node.mapped === ALL_BLOCKS ? extentCount([{ length: node.blocks }]) : extentCount(node.mapped);
     node.tree = treeBlocks(node.extents);
   }
 
@@ -311,7 +325,7 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
     users.set(node.xattrKey, n + 1);
   }
 
-  const files = dataOrder(withLostFound);
+  sortDataOrder(files);
   const contentBlocks = nodes.reduce((s, n) => s + n.blocks + n.tree, 0) + xattrCount;
   const usedInodes = nodes[nodes.length - 1]!.ino;
   const fixedJournal =
@@ -371,6 +385,7 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
     cursor += node.blocks;
   }
   return {
+    root: withLostFound,
     journal,
     nodes,
     byInode,
@@ -454,10 +469,11 @@ async function writeData(p: Plan, content: ContentSource, fh: FileHandle): Promi
     let received = 0;
     const check = (chunk: Buffer) => {
       received += chunk.length;
-      if (received > inode.size) fail("INTERNAL", `${node.path}: content longer than its size ${inode.size}`);
+      if (received > inode.size)
+        fail("INTERNAL", `${pathOf(p.root, inode)}: content longer than its size ${inode.size}`);
     };
     if (inode.data?.sparse) {
-      await writeSparseFile(node, data, stream, check);
+      await writeSparseFile(node, data, stream, check, () => pathOf(p.root, inode));
     } else {
       await stream.seek(node.start * BLOCK_SIZE);
       for await (const chunk of data) {
@@ -466,7 +482,7 @@ async function writeData(p: Plan, content: ContentSource, fh: FileHandle): Promi
       }
     }
     if (received !== inode.size)
-      fail("INTERNAL", `${node.path}: content has ${received} bytes, size is ${inode.size}`);
+      fail("INTERNAL", `${pathOf(p.root, inode)}: content has ${received} bytes, size is ${inode.size}`);
   }
   await stream.end();
 }
@@ -477,6 +493,7 @@ async function writeSparseFile(
   data: AsyncIterable<Buffer>,
   stream: DataStream,
   check: (chunk: Buffer) => void,
+  path: () => string,
 ): Promise<void> {
   const runs = physicalRuns(node);
   const block = Buffer.alloc(BLOCK_SIZE);
@@ -489,7 +506,7 @@ async function writeSparseFile(
     const r = runs[run];
     if (!r || r.logical > logical) {
       if (!isZeroRange(block, 0, BLOCK_SIZE))
-        fail("INTERNAL", `${node.path}: data inside a hole of a sparse file`);
+        fail("INTERNAL", `${path()}: data inside a hole of a sparse file`);
     } else {
       await stream.seek((r.physical + (logical - r.logical)) * BLOCK_SIZE);
       await stream.put(block);
