@@ -170,6 +170,7 @@ export function prefetchFor(store: Store, format: ExportFormat): HeaderPrefetch 
   return new HeaderPrefetch({
     spoolPrefix: tempIn(store, "prefetch"),
     spoolBudget: spoolBudget(),
+    builder: new TreeBuilder({ fixedTime: IMPLICIT_DIR_TIME }),
   });
 }
 
@@ -183,11 +184,12 @@ async function mergedTree(
   report: Reporter,
   prefetch: HeaderPrefetch | undefined,
 ): Promise<Inode> {
-  const builder = new TreeBuilder({ fixedTime: IMPLICIT_DIR_TIME });
+  // The prefetch's builder holds the layers it merged during the pull; the rest go on top here.
+  const builder = prefetch?.builder ?? new TreeBuilder({ fixedTime: IMPLICIT_DIR_TIME });
   // Layers are read PASS1_AHEAD at a time while the finished ones merge in order: gzip inflates on
   // the thread pool, so a small layer is read beside a big one instead of after it. Only headers
   // are kept.
-  const reads: Promise<LayerEntry[]>[] = [];
+  const reads: Promise<LayerEntry[] | "merged">[] = [];
   const read = (i: number) => {
     if (i >= image.layers.length) return;
     const p = layerHeaders(files, image, i, report, prefetch);
@@ -201,26 +203,31 @@ async function mergedTree(
     const entries = await reads[i]!;
     delete reads[i];
     read(i + PASS1_AHEAD);
-    await builder.addLayer(i, entries);
+    if (entries !== "merged") await builder.addLayer(i, entries);
   }
   return builder.finish();
 }
 
-/** One layer's entries without their data (a compressed layer read and verified to the end). */
+/**
+ * One layer's entries without their data (a compressed layer read and verified to the end), or
+ * "merged" when the prefetch merged it already.
+ */
 async function layerHeaders(
   files: LayerFiles,
   image: ImageRecord,
   i: number,
   report: Reporter,
   prefetch: HeaderPrefetch | undefined,
-): Promise<LayerEntry[]> {
+): Promise<LayerEntry[] | "merged"> {
   const pre = prefetch?.take(image.layers[i]!.digest);
   if (pre) {
     // Read during the pull: only its spool (if any) is left to take over.
-    const { entries, spool } = await pre;
+    const { entries, spool, merged } = await pre;
     if (spool) files.adoptSpool(i, spool);
     report.onBytes?.(image.layers[i]!.size);
-    return entries;
+    if (merged === undefined) return entries;
+    if (merged !== i) throw new KilnError("INTERNAL", `layer ${i + 1} was merged as layer ${merged + 1}`);
+    return "merged";
   }
   const entries: LayerEntry[] = [];
   const tar = await files.tar(i, "headers", report.onBytes);

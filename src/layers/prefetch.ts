@@ -1,22 +1,32 @@
 /**
  * Pass 1 of an export run during the pull: as each layer's compressed bytes arrive, they are also
  * decompressed, checked against the diff ID, and their tar headers read (the decompressed tar
- * spooled for pass 2, within a budget). So when the last layer is in, only the merge and pass 2
- * remain: download, decompression, hashing and header parsing overlap instead of following each
- * other. A tap never fails the pull: a layer that does not read (a corrupt tar, a wrong diff ID)
- * keeps its error for the export, which reports it exactly as its own pass 1 would have.
+ * spooled for pass 2, within a budget). So when the last layer is in, only pass 2 remains:
+ * download, decompression, hashing and header parsing overlap instead of following each other.
+ * A tap never fails the pull: a layer that does not read (a corrupt tar, a wrong diff ID) keeps its
+ * error for the export, which reports it exactly as its own pass 1 would have.
+ *
+ * Given a TreeBuilder, the layers are also merged as they are read, bottom first: layer N's entries
+ * go into the tree as they are parsed once layers 0..N-1 are merged, and are kept until then. So
+ * headers die young instead of piling up for the export (about 320 bytes each, tens of thousands
+ * per image), and the merge is done when the download is. The prefetch merges a run of layers from
+ * the bottom; the export merges the rest (a layer that was already in the store, or one that ended
+ * before its turn) into the same builder.
  */
 import { open } from "node:fs/promises";
 import type { BlobTap, TappedLayer } from "../source/ingest.js";
 import { readTar } from "../tar/reader.js";
 import { openLayerStream } from "./decompress.js";
 import { Spool, SpoolBudget, spoolThrough } from "./files.js";
-import type { LayerEntry } from "./merge.js";
+import type { LayerEntry, LayerSink, TreeBuilder } from "./merge.js";
 
 /** What pass 1 made of one layer: its entries, and its decompressed tar when spooled whole. */
 export interface PrefetchedLayer {
+  /** Empty once merged. */
   entries: LayerEntry[];
   spool: Spool | undefined;
+  /** The layer index it was merged into the builder as; undefined: the export merges `entries`. */
+  merged: number | undefined;
 }
 
 /** Compressed bytes queued for a tap's reader before the download waits. */
@@ -27,11 +37,21 @@ export class HeaderPrefetch {
   /** Shared with the export's own pass (LayerFiles), for the layers not tapped. */
   readonly budget: SpoolBudget;
   readonly #layers = new Map<string, Promise<PrefetchedLayer>>();
+  /** The tree layers are merged into as they are read (see above); the export finishes it. */
+  readonly builder: TreeBuilder | undefined;
+  /** The layer whose turn it is to merge: 0..#turn-1 are merged. */
+  #turn = 0;
+  /** Readers waiting for their turn, by layer index: called when it comes. */
+  readonly #waiting = new Map<number, () => void>();
 
-  /** Spools go to files named PREFIX-N, at most `spoolBudget` decompressed bytes over all layers. */
-  constructor(opts: { spoolPrefix: string; spoolBudget: number }) {
+  /**
+   * Spools go to files named PREFIX-N, at most `spoolBudget` decompressed bytes over all layers;
+   * layers are merged into `builder` as they are read, when given.
+   */
+  constructor(opts: { spoolPrefix: string; spoolBudget: number; builder?: TreeBuilder | undefined }) {
     this.#spoolPrefix = opts.spoolPrefix;
     this.budget = new SpoolBudget(opts.spoolBudget);
+    this.builder = opts.builder;
   }
 
   /** A tap for one layer (once per digest: a layer listed twice is read once). */
@@ -75,19 +95,77 @@ export class HeaderPrefetch {
             (fh) => new Spool(fh, file),
             () => undefined,
           );
-    const entries: LayerEntry[] = [];
+    const merge = new TurnMerge(this.builder, layer.index);
+    if (this.builder) {
+      if (this.#turn === layer.index) merge.start();
+      else this.#waiting.set(layer.index, () => merge.start());
+    }
     try {
       const tar = openLayerStream(queue, { diffId: layer.diffId ?? undefined, label });
       for await (const e of readTar(spool ? spoolThrough(tar, spool, this.budget) : tar, { label })) {
-        entries.push({ header: e.header, offset: e.offset, stored: e.stored, sparse: e.sparse });
+        merge.add({ header: e.header, offset: e.offset, stored: e.stored, sparse: e.sparse });
       }
-      return { entries, spool: spool?.complete ? spool : undefined };
+      // Not its turn yet: the export merges it (and everything above), so the turn stops here.
+      this.#waiting.delete(layer.index);
+      const merged = merge.close();
+      if (merged !== undefined) this.#pass(layer.index + 1);
+      return { entries: merge.entries, spool: spool?.complete ? spool : undefined, merged };
     } catch (err) {
+      // A layer that fails ends the turns: nothing above it is merged here.
+      this.#waiting.delete(layer.index);
       await spool?.discard();
       throw err;
     } finally {
       queue.close();
     }
+  }
+
+  /** Layer `index` may merge now (it waits for its reader if that has not begun). */
+  #pass(index: number): void {
+    this.#turn = index;
+    const start = this.#waiting.get(index);
+    this.#waiting.delete(index);
+    start?.();
+  }
+}
+
+/**
+ * One layer's entries on their way to the builder: kept until the layer's turn, then merged as they
+ * come. A merge error (an invalid entry) belongs to this layer: it is kept and thrown by its reader.
+ */
+class TurnMerge {
+  entries: LayerEntry[] = [];
+  #sink: LayerSink | undefined;
+  #error: unknown;
+
+  constructor(
+    readonly builder: TreeBuilder | undefined,
+    readonly index: number,
+  ) {}
+
+  /** The layer's turn: what was kept goes in, and what comes next goes straight in. */
+  start(): void {
+    try {
+      this.#sink = this.builder!.openLayer(this.index);
+      for (const e of this.entries) this.#sink.add(e);
+    } catch (err) {
+      this.#error = err;
+    }
+    this.entries = [];
+  }
+
+  add(entry: LayerEntry): void {
+    if (this.#error !== undefined) throw this.#error;
+    if (this.#sink) this.#sink.add(entry);
+    else this.entries.push(entry);
+  }
+
+  /** The index it was merged as, or undefined when its turn has not come. */
+  close(): number | undefined {
+    if (this.#error !== undefined) throw this.#error;
+    if (!this.#sink) return undefined;
+    this.#sink.close();
+    return this.index;
   }
 }
 

@@ -14,7 +14,8 @@ import { join } from "node:path";
 import { after, before, beforeEach, describe, test } from "node:test";
 import { gzipSync } from "node:zlib";
 import { isKilnError } from "../../src/errors.js";
-import type { LayerEntry } from "../../src/layers/merge.js";
+import type { Inode } from "../../src/fs/tree.js";
+import { type LayerEntry, TreeBuilder } from "../../src/layers/merge.js";
 import { HeaderPrefetch } from "../../src/layers/prefetch.js";
 import type { BlobTap } from "../../src/source/ingest.js";
 import { readTar } from "../../src/tar/reader.js";
@@ -169,6 +170,110 @@ describe("HeaderPrefetch", () => {
     await feed(tap, blob); // resolves: a failed reader drops what the download still writes
     await assert.rejects(p.take(sha(blob))!, (err) => isKilnError(err, "INVALID_ARCHIVE"));
     assert.deepEqual(spoolFiles(), []);
+    await p.close();
+  });
+});
+
+/** An uncompressed tar of `files` (path → content; a path ending in "/" is a directory). */
+function tarOf(files: Record<string, string>): Buffer {
+  const root = mkdtempSync(join(dir, "layer-"));
+  for (const [path, content] of Object.entries(files)) {
+    if (path.endsWith("/")) mkdirSync(join(root, path), { recursive: true });
+    else {
+      mkdirSync(join(root, path, ".."), { recursive: true });
+      writeFileSync(join(root, path), content);
+    }
+  }
+  return execFileSync("tar", ["-c", "-f", "-", "--format=pax", "--sort=name", "--mtime=@0", "-C", root, "."]);
+}
+
+/** The tree TreeBuilder makes of these layers, each read whole and added in order. */
+async function mergedWhole(tars: Buffer[]): Promise<Inode> {
+  const b = new TreeBuilder({ fixedTime: 0 });
+  for (let i = 0; i < tars.length; i++) await b.addLayer(i, await expectedEntries(tars[i]!));
+  return b.finish();
+}
+
+describe("HeaderPrefetch merging layers as they are read", () => {
+  // Whiteouts make the order matter: layer 1 deletes a/x of layer 0.
+  const tars = () => [
+    tarOf({ "a/x": "x", "a/y": "y" }),
+    tarOf({ "a/.wh.x": "", b: "b".repeat(100_000) }),
+    tarOf({ "a/z": "z" }),
+  ];
+  const merging = () =>
+    new HeaderPrefetch({
+      spoolPrefix: join(spoolDir, "prefetch"),
+      spoolBudget: 1 << 30,
+      builder: new TreeBuilder({ fixedTime: 0 }),
+    });
+  const at = (blob: Buffer, index: number, count: number) => ({
+    digest: sha(blob),
+    diffId: sha(blob),
+    index,
+    count,
+  });
+
+  test("bottom first, a layer read early waits its turn; one that ends before its turn is left to the export", async () => {
+    const [l0, l1, l2] = tars() as [Buffer, Buffer, Buffer];
+    const p = merging();
+    const t0 = p.tap(at(l0, 0, 3))!;
+    const t1 = p.tap(at(l1, 1, 3))!;
+    const t2 = p.tap(at(l2, 2, 3))!;
+    // Layer 1 starts before layer 0 ends (what it has read waits), layer 2 ends before layer 1 does.
+    // Each take() below resolves once that layer is read (and merged, when its turn came).
+    await feed(t1, l1, { chunk: 512, upTo: 1024 });
+    await feed(t2, l2);
+    const r2 = await p.take(sha(l2))!;
+    await feed(t0, l0);
+    const r0 = await p.take(sha(l0))!;
+    for (let at = 1024; at < l1.length; at += 4096)
+      await t1.write(l1.subarray(at, Math.min(l1.length, at + 4096)));
+    t1.end();
+    const r1 = await p.take(sha(l1))!;
+    assert.equal(r0.merged, 0);
+    assert.equal(r1.merged, 1);
+    assert.deepEqual(r0.entries, []);
+    assert.deepEqual(r1.entries, []);
+    assert.equal(r2.merged, undefined, "layer 2 ended before layer 1 did");
+    assert.deepEqual(r2.entries, await expectedEntries(l2));
+    await p.builder!.addLayer(2, r2.entries);
+    assert.deepEqual(p.builder!.finish(), await mergedWhole([l0, l1, l2]));
+    await p.close();
+  });
+
+  test("above a layer that is not tapped (already in the store), nothing is merged", async () => {
+    const [l0, l1] = tars() as [Buffer, Buffer];
+    const p = merging();
+    const t1 = p.tap(at(l1, 1, 2))!;
+    await feed(t1, l1);
+    const r1 = await p.take(sha(l1))!;
+    assert.equal(r1.merged, undefined);
+    assert.deepEqual(r1.entries, await expectedEntries(l1));
+    await p.builder!.addLayer(0, await expectedEntries(l0));
+    await p.builder!.addLayer(1, r1.entries);
+    assert.deepEqual(p.builder!.finish(), await mergedWhole([l0, l1]));
+    await p.close();
+  });
+
+  test("an entry the merge refuses fails its own layer, and the layers above wait for the export", async () => {
+    const bad = tarOf({ ".wh.x/y": "below a whiteout name" });
+    const [l0, , l2] = tars() as [Buffer, Buffer, Buffer];
+    const p = merging();
+    const t2 = p.tap(at(l2, 2, 3))!;
+    const t1 = p.tap(at(bad, 1, 3))!;
+    const t0 = p.tap(at(l0, 0, 3))!;
+    await feed(t0, l0);
+    assert.equal((await p.take(sha(l0))!).merged, 0);
+    await feed(t1, bad);
+    await feed(t2, l2);
+    await assert.rejects(
+      p.take(sha(bad))!,
+      (err) => isKilnError(err, "INVALID_ARCHIVE") && /whiteout/.test(err.message),
+    );
+    const r2 = await p.take(sha(l2))!;
+    assert.equal(r2.merged, undefined);
+    assert.deepEqual(r2.entries, await expectedEntries(l2));
     await p.close();
   });
 });
