@@ -30,8 +30,12 @@ export type LayerPass = "headers" | "content";
  * async iterators above it) made reading a layer several times slower than the disk.
  */
 const READ_CHUNK = 1 << 20;
-/** A header scan reads small windows: most of a big file's bytes lie between two headers. */
-const HEADER_WINDOW = 64 * 1024;
+/**
+ * A header scan reads windows smaller than a content read's (most of a big file's bytes lie between
+ * two headers), but not much smaller: each window is a thread-pool round trip, and with 64 KiB the
+ * scan of a layer of small files waited on those more than it parsed (debian: 0.42 s, now 0.29 s).
+ */
+const HEADER_WINDOW = 256 * 1024;
 
 interface Opened {
   fh: FileHandle;
