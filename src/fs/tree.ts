@@ -147,12 +147,6 @@ export function compareNames(a: string, b: string): number {
   return a.length - b.length;
 }
 
-/** A directory's entries sorted by name bytes. */
-export function sortedEntries(dir: Inode): [string, Inode][] {
-  if (!dir.entries) return [];
-  return [...dir.entries].sort((a, b) => compareNames(a[0], b[0]));
-}
-
 export interface WalkItem {
   /** Path from the root, "" for the root itself, no leading slash: `etc/passwd`. */
   readonly path: string;
