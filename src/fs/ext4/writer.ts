@@ -309,8 +309,7 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
           ? Math.ceil(inode.size / BLOCK_SIZE)
           : node.mapped.reduce((s, r) => s + r.length, 0);
     }
-    node.extents =
-      node.mapped === ALL_BLOCKS ? extentCount([{ length: node.blocks }]) : extentCount(node.mapped);
+    node.extents = extentCount(logicalRuns(node));
     node.tree = treeBlocks(node.extents);
   }
 
