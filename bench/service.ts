@@ -54,7 +54,7 @@ const median = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.len
 /** Wall time of one CLI call, process start included; the same environment as the service's. */
 function time(args: string[], env: NodeJS.ProcessEnv): number {
   const t0 = process.hrtime.bigint();
-  const r = spawnSync(process.execPath, [BIN, ...args], {
+  const r = spawnSync(BIN, args, {
     cwd: REPO_ROOT,
     env,
     stdio: ["ignore", "ignore", "pipe"],

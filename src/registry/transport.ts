@@ -4,7 +4,7 @@
  * with exponential backoff and jitter.
  */
 import { readFileSync } from "node:fs";
-import { rootCertificates } from "node:tls";
+import { type ConnectionOptions, createSecureContext, rootCertificates } from "node:tls";
 import { KilnError } from "../errors.js";
 import { Agent, type Dispatcher } from "./undici.js";
 
@@ -31,7 +31,7 @@ export interface RetryPolicy {
 export interface TransportOptions {
   /** PEM file of extra CA certificates, trusted on top of the system ones. */
   caFile?: string | undefined;
-  /** NODE_EXTRA_CA_CERTS is read from here (default process.env). */
+  /** NODE_EXTRA_CA_CERTS (or bin/kiln's KILN_DEFERRED_CA_CERTS) is read from here (default process.env). */
   env?: NodeJS.ProcessEnv | undefined;
   timeouts?: Timeouts | undefined;
   retries?: RetryPolicy | undefined;
@@ -179,7 +179,14 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   });
 }
 
-/** The system CAs plus caFile and NODE_EXTRA_CA_CERTS, or undefined when Node's default will do. */
+/** The bundle Node itself loaded while starting, which its default TLS context trusts. */
+const STARTUP_EXTRA_CA_CERTS = process.env.NODE_EXTRA_CA_CERTS;
+
+/**
+ * The system CAs plus caFile and the extra bundles the environment names, or undefined when Node's
+ * default will do. bin/kiln hands NODE_EXTRA_CA_CERTS on as KILN_DEFERRED_CA_CERTS, so that Node
+ * does not load it at start: commands that verify no TLS peer never pay for it.
+ */
 function trustedCAs(caFile: string | undefined, env: NodeJS.ProcessEnv): string[] | undefined {
   const extra: string[] = [];
   if (caFile) {
@@ -196,14 +203,13 @@ function trustedCAs(caFile: string | undefined, env: NodeJS.ProcessEnv): string[
     }
     extra.push(pem);
   }
-  // A custom `ca` replaces Node's default store, which is where NODE_EXTRA_CA_CERTS would have gone.
-  // Without a CA file, Node's default context already trusts this process's NODE_EXTRA_CA_CERTS;
-  // building our own from PEM text would cost ~50 ms of start-up for nothing.
-  const nodeExtra = env.NODE_EXTRA_CA_CERTS;
-  if (extra.length === 0 && (!nodeExtra || nodeExtra === process.env.NODE_EXTRA_CA_CERTS)) return undefined;
-  if (nodeExtra) {
+  const bundles = [env.NODE_EXTRA_CA_CERTS, env.KILN_DEFERRED_CA_CERTS].filter((f): f is string => !!f);
+  // Node's default context already trusts the bundle it loaded at start; building our own store
+  // from PEM text costs ~50 ms, so only do it when something is missing from that context.
+  if (extra.length === 0 && bundles.every((f) => f === STARTUP_EXTRA_CA_CERTS)) return undefined;
+  for (const file of new Set(bundles)) {
     try {
-      extra.push(readFileSync(nodeExtra, "utf8"));
+      extra.push(readFileSync(file, "utf8"));
     } catch {
       // Node itself only warns about an unreadable NODE_EXTRA_CA_CERTS; so do we, by ignoring it.
     }
@@ -235,13 +241,22 @@ export class Transport {
     this.ca = trustedCAs(opts.caFile, opts.env ?? process.env);
   }
 
+  /** The CA part of the TLS options. */
+  private trust(verify: boolean): ConnectionOptions {
+    // Nothing verified, no store needed: an empty one spares the ~40 ms Node spends parsing its
+    // root certificates for its first context (the HTTPS probe of a loopback registry).
+    if (!verify) return { ca: [] };
+    // One context per agent: given a `ca` list, tls.connect would parse it again for each connection.
+    return this.ca ? { secureContext: createSecureContext({ ca: this.ca }) } : {};
+  }
+
   private agent(insecure: boolean): Agent {
     const make = (rejectUnauthorized: boolean) =>
       new Agent({
         connect: {
           timeout: this.timeouts.connectMs,
           rejectUnauthorized,
-          ...(this.ca ? { ca: this.ca } : {}),
+          ...this.trust(rejectUnauthorized),
         },
         headersTimeout: this.timeouts.headersMs,
         bodyTimeout: this.timeouts.bodyIdleMs,

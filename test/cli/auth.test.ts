@@ -112,6 +112,18 @@ describe("kiln pull with credentials and TLS", () => {
       }
     });
 
+    it("pulls with NODE_EXTRA_CA_CERTS naming the CA (bin/kiln defers it to the first TLS connection)", async () => {
+      const box = await sandbox();
+      try {
+        const pulled = await box.json<PullJson>(["pull", ref()], {
+          env: { NODE_EXTRA_CA_CERTS: tls.caFile! },
+        });
+        await assertPulled(box, ref(), raw.tls!, pulled);
+      } finally {
+        await box.cleanup();
+      }
+    });
+
     it("fails with TLS without the CA (and does not fall back to plain HTTP)", async () => {
       const box = await sandbox();
       try {

@@ -131,7 +131,7 @@ describe("kiln export progress", () => {
 
   it("shows a bar per phase with bytes of its total on a terminal", { skip: scriptMissing() }, async () => {
     const out = join(work, "tty.erofs");
-    const cmd = `node bin/kiln --root '${box.root}' export ${ref} --format erofs -o '${out}'`;
+    const cmd = `bin/kiln --root '${box.root}' export ${ref} --format erofs -o '${out}'`;
     // A fresh export each time: a cached one only copies.
     await box.kiln(["rm", ref]);
     await box.json(["pull", ref]);

@@ -1,5 +1,5 @@
 /**
- * Runs the real CLI (`node bin/kiln`, the compiled dist/) as a child process, and checks a store
+ * Runs the real CLI (`bin/kiln`, the compiled dist/) as a child process, and checks a store
  * on disk. Shared by the test/cli tests.
  */
 import assert from "node:assert/strict";
@@ -57,10 +57,10 @@ export function childEnv(extra: Record<string, string> = {}, dockerConfig?: stri
   return { ...env, ...extra };
 }
 
-/** Runs `node bin/kiln ARGS` from the repository root. */
+/** Runs `bin/kiln ARGS` from the repository root, as a user would (its shell part included). */
 export function runKiln(args: readonly string[], env: NodeJS.ProcessEnv): Promise<KilnResult> {
   return new Promise((resolvePromise, reject) => {
-    const child = spawn(process.execPath, [BIN, ...args], {
+    const child = spawn(BIN, args, {
       cwd: REPO_ROOT,
       env,
       stdio: ["ignore", "pipe", "pipe"],

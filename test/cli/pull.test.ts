@@ -285,7 +285,7 @@ describe("kiln pull from docker-registry", () => {
     const box = await sandbox();
     try {
       const ref = `${reg.host}/sample:gzip`;
-      const cmd = `node bin/kiln --root '${box.root}' pull ${ref}`;
+      const cmd = `bin/kiln --root '${box.root}' pull ${ref}`;
       const out = await runInPty(cmd, childEnv({}, box.dockerConfig));
       assert.equal(out.code, 0, out.text);
       const text = out.text.replace(/\x1b\[[0-9;?]*[A-Za-z]/g, "");

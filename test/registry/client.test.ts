@@ -531,6 +531,15 @@ describe("TLS and plain HTTP", () => {
     }
   });
 
+  it("trusts KILN_DEFERRED_CA_CERTS, the NODE_EXTRA_CA_CERTS that bin/kiln hands on", async () => {
+    const client = new RegistryClient({ ...FAST, env: { KILN_DEFERRED_CA_CERTS: certFile } });
+    try {
+      await client.ping(tlsServer.host);
+    } finally {
+      await client.close();
+    }
+  });
+
   it("reports an unreadable caFile clearly", () => {
     assert.throws(
       () => new RegistryClient({ caFile: join(tmp, "missing.pem") }),
