@@ -8,6 +8,7 @@ import { gunzipSync } from "node:zlib";
 import { isKilnError } from "../../src/errors.js";
 import { writeCpio } from "../../src/fs/cpio/writer.js";
 import {
+  type ContentOptions,
   type ContentSource,
   dataOrder,
   type Inode,
@@ -53,6 +54,35 @@ class SequentialContent implements ContentSource {
       }
     }
     yield* this.memory.contents(files);
+  }
+}
+
+/**
+ * Asked for transient chunks, yields every file in 1000-byte chunks through one buffer, which it
+ * scribbles over as soon as the writer asks for the next chunk (what a ring of read buffers does).
+ */
+class ReusingContent implements ContentSource {
+  readonly transient: boolean[] = [];
+  constructor(private readonly inner: ContentSource) {}
+  async *contents(
+    files: readonly Inode[],
+    opts: ContentOptions = {},
+  ): AsyncIterable<{ inode: Inode; data: AsyncIterable<Buffer> }> {
+    this.transient.push(opts.transient === true);
+    const shared = Buffer.alloc(1000);
+    for await (const { inode, data } of this.inner.contents(files)) {
+      const chunks: Buffer[] = [];
+      for await (const chunk of data) chunks.push(chunk);
+      const whole = Buffer.concat(chunks);
+      const pieces = async function* () {
+        for (let at = 0; at < whole.length; at += shared.length) {
+          const n = whole.copy(shared, 0, at);
+          yield opts.transient ? shared.subarray(0, n) : Buffer.from(shared.subarray(0, n));
+          shared.fill(0xaa);
+        }
+      };
+      yield { inode, data: pieces() };
+    }
   }
 }
 
@@ -385,6 +415,16 @@ describe("cpio newc writer", () => {
     await writeCpio(again.root, again.content, join(dir, "b.cpio.gz"), { compress: "gzip" });
     assert.ok(readFileSync(join(dir, "b.cpio")).equals(readFileSync(plain)));
     assert.ok(readFileSync(join(dir, "b.cpio.gz")).equals(readFileSync(gz)));
+  });
+
+  test("copies what it is given: a source that reuses its buffer (transient) gives the same bytes", async () => {
+    const again = sampleTree();
+    const reusing = new ReusingContent(again.content);
+    await writeCpio(again.root, reusing, join(dir, "r.cpio"));
+    await writeCpio(again.root, reusing, join(dir, "r.cpio.gz"), { compress: "gzip" });
+    assert.deepEqual(reusing.transient, [true, true]);
+    assert.ok(readFileSync(join(dir, "r.cpio")).equals(readFileSync(plain)));
+    assert.ok(readFileSync(join(dir, "r.cpio.gz")).equals(readFileSync(gz)));
   });
 
   test("mtimeOverride sets every entry's time", async () => {

@@ -32,86 +32,83 @@ export interface NewcEntry {
   filesize: number;
   rdevMajor: number;
   rdevMinor: number;
-  /** UTF-8 bytes of the path, without the NUL. */
-  name: Buffer;
+  /** The path, without the NUL (written as UTF-8). */
+  name: string;
 }
+
+/** Largest encoded header: the fixed part, a name of PATH_MAX bytes with its NUL, and padding. */
+export const MAX_HEADER = HEADER_SIZE + KERNEL_PATH_MAX + 3;
 
 /** Zero bytes needed after `size` bytes to reach a multiple of 4. */
 export function pad4(size: number): number {
   return (4 - (size % 4)) % 4;
 }
 
-function hex8(value: number, field: string, name: Buffer): string {
+const HEX_DIGITS = Buffer.from("0123456789abcdef", "latin1");
+const MAGIC = Buffer.from(NEWC_MAGIC, "latin1");
+const LABELS = ["ino", "mode", "uid", "gid", "nlink", "mtime", "size", "devmajor", "devminor"].concat([
+  "rdevmajor",
+  "rdevminor",
+  "namesize",
+  "check",
+]);
+
+/** Writes field `index` as 8 lowercase hex digits (no string built: one header per entry adds up). */
+function hex8(out: Buffer, index: number, value: number, name: string): void {
   if (!Number.isInteger(value) || value < 0 || value > MAX_FIELD) {
     throw new KilnError(
       "INVALID_ARGUMENT",
-      `cpio: ${field} ${value} of /${name.toString("utf8")} does not fit a newc header field (0..${MAX_FIELD})`,
+      `cpio: ${LABELS[index]} ${value} of /${name} does not fit a newc header field (0..${MAX_FIELD})`,
     );
   }
-  return value.toString(16).padStart(8, "0");
+  const at = NEWC_MAGIC.length + 8 * index;
+  for (let i = 7; i >= 0; i--) {
+    out[at + i] = HEX_DIGITS[value & 15]!;
+    value >>>= 4;
+  }
 }
 
 /**
- * Header, name, NUL and padding of one entry, ready to write; the entry's data (filesize bytes)
- * and its padding follow. c_devmajor/c_devminor (the filesystem holding the file) are 0: with ino
- * they only key hardlink groups, and one archive is one filesystem. c_check is 0 (no CRC in newc).
+ * Writes the header, name, NUL and padding of one entry into `out` (at least MAX_HEADER bytes, or
+ * enough for this name) and returns their length; the entry's data (filesize bytes) and its padding
+ * follow. c_devmajor/c_devminor (the filesystem holding the file) are 0: with ino they only key
+ * hardlink groups, and one archive is one filesystem. c_check is 0 (no CRC in newc).
  */
-export function encodeEntry(e: NewcEntry): Buffer {
-  if (e.name.includes(0)) {
-    throw new KilnError("INVALID_ARGUMENT", `cpio: name /${e.name.toString("utf8")} contains a NUL byte`);
+export function encodeEntry(e: NewcEntry, out: Buffer): number {
+  if (e.name.includes("\0")) {
+    throw new KilnError("INVALID_ARGUMENT", `cpio: name /${e.name} contains a NUL byte`);
   }
-  const namesize = e.name.length + 1;
-  const fields = [
-    e.ino,
-    e.mode,
-    e.uid,
-    e.gid,
-    e.nlink,
-    e.mtime,
-    e.filesize,
-    0,
-    0,
-    e.rdevMajor,
-    e.rdevMinor,
-    namesize,
-    0,
-  ];
-  const labels = [
-    "ino",
-    "mode",
-    "uid",
-    "gid",
-    "nlink",
-    "mtime",
-    "size",
-    "devmajor",
-    "devminor",
-    "rdevmajor",
-    "rdevminor",
-    "namesize",
-    "check",
-  ];
-  let ascii = NEWC_MAGIC;
-  for (let i = 0; i < fields.length; i++) ascii += hex8(fields[i]!, labels[i]!, e.name);
+  const nameLength = Buffer.byteLength(e.name, "utf8");
+  const namesize = nameLength + 1;
   const total = HEADER_SIZE + namesize + pad4(HEADER_SIZE + namesize);
-  const out = Buffer.alloc(total);
-  out.write(ascii, 0, "latin1");
-  e.name.copy(out, HEADER_SIZE);
-  return out;
+  if (total > out.length) {
+    throw new KilnError("INTERNAL", `cpio: no room for the header of /${e.name.slice(0, 80)}`);
+  }
+  out.write(e.name, HEADER_SIZE, "utf8");
+  MAGIC.copy(out, 0);
+  const fields = [e.ino, e.mode, e.uid, e.gid, e.nlink, e.mtime, e.filesize, 0, 0, e.rdevMajor, e.rdevMinor];
+  for (let i = 0; i < fields.length; i++) hex8(out, i, fields[i]!, e.name);
+  hex8(out, 11, namesize, e.name);
+  hex8(out, 12, 0, e.name);
+  out.fill(0, HEADER_SIZE + nameLength, total);
+  return total;
 }
 
 /** The closing entry: a header with nlink 1 and every other field 0, named TRAILER!!!. */
-export function encodeTrailer(): Buffer {
-  return encodeEntry({
-    ino: 0,
-    mode: 0,
-    uid: 0,
-    gid: 0,
-    nlink: 1,
-    mtime: 0,
-    filesize: 0,
-    rdevMajor: 0,
-    rdevMinor: 0,
-    name: Buffer.from(TRAILER_NAME, "latin1"),
-  });
+export function encodeTrailer(out: Buffer): number {
+  return encodeEntry(
+    {
+      ino: 0,
+      mode: 0,
+      uid: 0,
+      gid: 0,
+      nlink: 1,
+      mtime: 0,
+      filesize: 0,
+      rdevMajor: 0,
+      rdevMinor: 0,
+      name: TRAILER_NAME,
+    },
+    out,
+  );
 }

@@ -14,8 +14,9 @@
  * time when it creates it, so it loses the times of non-empty directories for any archive the
  * kernel can read, whose parents must come first.)
  *
- * File data chunks are written by reference, batched: a ContentSource must not reuse a Buffer after
- * yielding it (stream chunks never are).
+ * Every byte is copied into large staging buffers (the DataStream the ext4 and EROFS data areas use,
+ * or 1 MiB pieces handed to zlib), so the ContentSource may reuse its buffers (ContentOptions
+ * transient): a layer is then read into a ring of buffers instead of a fresh one per MiB.
  *
  * Hardlinks (newc convention, as GNU cpio writes them): every name of an inode has the same ino
  * and the inode's nlink; the data goes with the last name only, the others have size 0. The
@@ -29,13 +30,22 @@
  * sizes of 4 GiB and more and paths longer than the kernel's PATH_MAX (both TOO_LARGE, naming the
  * file: the kernel would silently drop such entries).
  */
+import { once } from "node:events";
 import { type FileHandle, open, unlink } from "node:fs/promises";
-import { Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
 import { createGzip } from "node:zlib";
 import { KilnError } from "../../errors.js";
+import { DataStream } from "../datastream.js";
 import { type ContentSource, dataOrder, type Inode, linkCounts, type WalkItem, walk } from "../tree.js";
-import { encodeEntry, encodeTrailer, KERNEL_PATH_MAX, MAX_FIELD, modeField, pad4 } from "./header.js";
+import {
+  encodeEntry,
+  encodeTrailer,
+  KERNEL_PATH_MAX,
+  MAX_FIELD,
+  MAX_HEADER,
+  modeField,
+  pad4,
+} from "./header.js";
 
 export interface CpioOptions {
   /** "gzip": one gzip member around the archive (what `--compress gzip` gives). Default "none". */
@@ -46,8 +56,9 @@ export interface CpioOptions {
 
 /** zlib's default level: level 9 is much slower for a few percent smaller output at best. */
 const GZIP_LEVEL = 6;
-/** Small pieces (headers, names, padding) are gathered into chunks of this size before writing. */
+/** zlib's output chunks, and the pieces of archive handed to it. */
 const CHUNK = 64 * 1024;
+const PIECE = 1024 * 1024;
 /** The archive is padded with zeros to a multiple of this, as GNU cpio does (its block size). */
 const BLOCK = 512;
 const ZEROS = Buffer.alloc(BLOCK);
@@ -66,6 +77,82 @@ async function writeAll(fh: FileHandle, buffers: Buffer[]): Promise<void> {
     while (i < rest.length && n >= rest[i]!.length) n -= rest[i++]!.length;
     rest = rest.slice(i);
     if (n > 0) rest[0] = rest[0]!.subarray(n);
+  }
+}
+
+/**
+ * Appends `chunks` to `fh` with writev, in batches (one write per 64 KiB chunk spends most of its
+ * time waiting for the thread pool), one batch written while the next is gathered.
+ */
+async function writeBatches(fh: FileHandle, chunks: AsyncIterable<Buffer>): Promise<void> {
+  let batch: Buffer[] = [];
+  let batchLen = 0;
+  let writing: Promise<void> = Promise.resolve();
+  try {
+    for await (const chunk of chunks) {
+      batch.push(chunk);
+      batchLen += chunk.length;
+      if (batchLen >= BATCH || batch.length >= MAX_IOV) {
+        await writing;
+        writing = writeAll(fh, batch);
+        writing.catch(() => {}); // handled: awaited before the next batch or in finally
+        batch = [];
+        batchLen = 0;
+      }
+    }
+  } finally {
+    // Never leave a write running behind a failure: the handle is closed next.
+    await writing.catch(() => {});
+  }
+  await writing;
+  await writeAll(fh, batch);
+}
+
+/** Where the archive's bytes go. put copies what it is given: the caller may reuse it at once. */
+interface ArchiveSink {
+  put(chunk: Buffer, from?: number, to?: number): Promise<void>;
+  end(): Promise<void>;
+}
+
+/** gzip around the archive: the bytes go to zlib in 1 MiB pieces (it keeps them until read). */
+class GzipSink implements ArchiveSink {
+  readonly #gzip = createGzip({ level: GZIP_LEVEL, chunkSize: CHUNK });
+  readonly #written: Promise<void>;
+  #piece = Buffer.allocUnsafe(PIECE);
+  #fill = 0;
+
+  constructor(fh: FileHandle) {
+    this.#written = pipeline(this.#gzip, (compressed: AsyncIterable<Buffer>) => writeBatches(fh, compressed));
+    this.#written.catch(() => {}); // surfaces through put or end
+  }
+
+  async put(chunk: Buffer, from = 0, to = chunk.length): Promise<void> {
+    while (from < to) {
+      const n = Math.min(to - from, PIECE - this.#fill);
+      chunk.copy(this.#piece, this.#fill, from, from + n);
+      this.#fill += n;
+      from += n;
+      if (this.#fill === PIECE) await this.#hand();
+    }
+  }
+
+  async end(): Promise<void> {
+    if (this.#fill > 0) await this.#hand();
+    this.#gzip.end();
+    await this.#written;
+  }
+
+  /** After a failure elsewhere: stops zlib, and with it the writes. */
+  async abort(): Promise<void> {
+    this.#gzip.destroy();
+    await this.#written.catch(() => {});
+  }
+
+  async #hand(): Promise<void> {
+    const piece = this.#piece.subarray(0, this.#fill);
+    this.#piece = Buffer.allocUnsafe(PIECE);
+    this.#fill = 0;
+    if (!this.#gzip.write(piece)) await Promise.race([once(this.#gzip, "drain"), this.#written]);
   }
 }
 
@@ -128,59 +215,54 @@ function clampTime(seconds: number): number {
   return Math.min(MAX_FIELD, Math.max(0, Math.floor(seconds)));
 }
 
-/** Chunks of the uncompressed archive, small pieces coalesced, file data passed through. */
-async function* archive(
+/** Writes the archive to `sink` and ends it; returns the archive's size (uncompressed). */
+async function writeArchive(
   p: Plan,
   content: ContentSource,
   mtimeOverride: number | undefined,
-): AsyncGenerator<Buffer> {
-  let parts: Buffer[] = [];
-  let partsLen = 0;
+  sink: ArchiveSink,
+): Promise<number> {
   let total = 0;
-  const take = (): Buffer => {
-    const out = Buffer.concat(parts, partsLen);
-    parts = [];
-    partsLen = 0;
-    return out;
+  const put = (b: Buffer, from = 0, to = b.length): Promise<void> => {
+    total += to - from;
+    return sink.put(b, from, to);
   };
-  function* put(b: Buffer): Generator<Buffer> {
-    total += b.length;
-    if (b.length >= CHUNK) {
-      if (partsLen > 0) yield take();
-      yield b;
-      return;
-    }
-    parts.push(b);
-    partsLen += b.length;
-    if (partsLen >= CHUNK) yield take();
-  }
-  const header = (inode: Inode, path: string, filesize: number): Buffer =>
-    encodeEntry({
-      ino: p.ino.get(inode)!,
-      mode: modeField(inode.type, inode.mode),
-      uid: inode.uid,
-      gid: inode.gid,
-      nlink: p.nlink.get(inode) ?? 1,
-      mtime: clampTime(mtimeOverride ?? inode.mtime),
-      filesize,
-      rdevMajor: inode.type === "char" || inode.type === "block" ? inode.rdevMajor : 0,
-      rdevMinor: inode.type === "char" || inode.type === "block" ? inode.rdevMinor : 0,
-      name: Buffer.from(path === "" ? "." : path, "utf8"),
-    });
+  // One header at a time, copied out by put before the next is encoded.
+  const scratch = Buffer.alloc(MAX_HEADER);
+  const header = (inode: Inode, path: string, filesize: number): Promise<void> =>
+    put(
+      scratch,
+      0,
+      encodeEntry(
+        {
+          ino: p.ino.get(inode)!,
+          mode: modeField(inode.type, inode.mode),
+          uid: inode.uid,
+          gid: inode.gid,
+          nlink: p.nlink.get(inode) ?? 1,
+          mtime: clampTime(mtimeOverride ?? inode.mtime),
+          filesize,
+          rdevMajor: inode.type === "char" || inode.type === "block" ? inode.rdevMajor : 0,
+          rdevMinor: inode.type === "char" || inode.type === "block" ? inode.rdevMinor : 0,
+          name: path === "" ? "." : path,
+        },
+        scratch,
+      ),
+    );
 
   for (const { inode, path } of p.metadata) {
     if (inode.type === "symlink") {
       const target = Buffer.from(inode.target, "utf8");
-      yield* put(header(inode, path, target.length));
-      yield* put(target);
-      yield* put(ZEROS.subarray(0, pad4(target.length)));
+      await header(inode, path, target.length);
+      await put(target);
+      await put(ZEROS, 0, pad4(target.length));
     } else {
-      yield* put(header(inode, path, 0));
+      await header(inode, path, 0);
     }
   }
 
   let next = 0;
-  for await (const { inode, data } of content.contents(p.files)) {
+  for await (const { inode, data } of content.contents(p.files, { transient: true })) {
     const expected = p.files[next++];
     const path = expected ? p.dataPath.get(expected)! : "";
     if (inode !== expected) {
@@ -189,12 +271,12 @@ async function* archive(
         `cpio: content source delivered files out of order at ${display(path)}`,
       );
     }
-    yield* put(header(inode, path, inode.size));
+    await header(inode, path, inode.size);
     let got = 0;
     for await (const chunk of data) {
       got += chunk.length;
       if (got > inode.size) break;
-      yield* put(chunk);
+      await put(chunk);
     }
     if (got !== inode.size) {
       throw new KilnError(
@@ -202,16 +284,17 @@ async function* archive(
         `cpio: ${display(path)} should have ${inode.size} bytes but its content ${got > inode.size ? "is longer" : `has ${got}`}`,
       );
     }
-    yield* put(ZEROS.subarray(0, pad4(inode.size)));
+    await put(ZEROS, 0, pad4(inode.size));
   }
   if (next !== p.files.length) {
     const path = p.dataPath.get(p.files[next]!)!;
     throw new KilnError("INTERNAL", `cpio: content source ended before ${display(path)}`);
   }
 
-  yield* put(encodeTrailer());
-  yield* put(ZEROS.subarray(0, (BLOCK - (total % BLOCK)) % BLOCK));
-  if (partsLen > 0) yield take();
+  await put(scratch, 0, encodeTrailer(scratch));
+  await put(ZEROS, 0, (BLOCK - (total % BLOCK)) % BLOCK);
+  await sink.end();
+  return total;
 }
 
 /**
@@ -245,36 +328,16 @@ export async function writeCpio(
   const fh = await open(out, "w", 0o644);
   let ok = false;
   try {
-    // Written with writev, not a WriteStream (a stream holds the handle, and fsync needs it), in
-    // batches: one write per 64 KiB chunk spends most of its time waiting for the thread pool.
-    // One batch is written while the next is gathered.
-    const sink = async (chunks: AsyncIterable<Buffer>): Promise<void> => {
-      let batch: Buffer[] = [];
-      let batchLen = 0;
-      let writing: Promise<void> = Promise.resolve();
-      try {
-        for await (const chunk of chunks) {
-          batch.push(chunk);
-          batchLen += chunk.length;
-          if (batchLen >= BATCH || batch.length >= MAX_IOV) {
-            await writing;
-            writing = writeAll(fh, batch);
-            writing.catch(() => {}); // handled: awaited before the next batch or in finally
-            batch = [];
-            batchLen = 0;
-          }
-        }
-      } finally {
-        // Never leave a write running behind a failure: the handle is closed next.
-        await writing.catch(() => {});
-      }
-      await writing;
-      await writeAll(fh, batch);
-    };
-    const source = Readable.from(archive(p, content, mtime), { objectMode: false });
-    if (compress === "gzip")
-      await pipeline(source, createGzip({ level: GZIP_LEVEL, chunkSize: CHUNK }), sink);
-    else await pipeline(source, sink);
+    if (compress === "gzip") {
+      const gzip = new GzipSink(fh);
+      await writeArchive(p, content, mtime, gzip).catch(async (err: unknown) => {
+        await gzip.abort();
+        throw err;
+      });
+    } else {
+      // The data stream leaves all-zero blocks as holes, the last one included: size the file.
+      await fh.truncate(await writeArchive(p, content, mtime, new DataStream(fh, 0)));
+    }
     await fh.sync();
     const { size } = await fh.stat();
     ok = true;
