@@ -92,9 +92,15 @@ export interface ExtentTree {
 
 /**
  * Builds the tree for `extents` (sorted, from toExtents), with its blocks at treeStart…;
- * `inodeSeed` is the inode's checksum seed (for the tails of tree blocks).
+ * `inodeSeed` is the inode's checksum seed (for the tails of tree blocks). The root goes into
+ * `root` (60 zeroed bytes, e.g. i_block inside an inode table) when given.
  */
-export function buildTree(extents: readonly Run[], treeStart: number, inodeSeed: number): ExtentTree {
+export function buildTree(
+  extents: readonly Run[],
+  treeStart: number,
+  inodeSeed: number,
+  root: Buffer = Buffer.alloc(60),
+): ExtentTree {
   let level: Entry[] = extents.map((e) => ({ logical: e.logical, extent: e }));
   const blocks: Buffer[] = [];
   let depth = 0;
@@ -114,7 +120,6 @@ export function buildTree(extents: readonly Run[], treeStart: number, inodeSeed:
     level = parents;
     depth++;
   }
-  const root = Buffer.alloc(60);
   header(root, 0, level.length, IN_INODE, depth);
   for (const [k, e] of level.entries()) writeEntry(root, 12 + 12 * k, e);
   return { root, blocks };

@@ -32,8 +32,6 @@ export interface InodeFields {
   /** 512-byte sectors: data, extent tree and xattr blocks. */
   sectors: number;
   flags: number;
-  /** 60 bytes of i_block: extent root, fast symlink target or device numbers. */
-  block: Buffer;
   /** Extended attribute block, 0 for none. */
   xattrBlock: number;
 }
@@ -43,28 +41,37 @@ export function inodeSeed(fsSeed: number, ino: number): number {
   return crc32cU32(crc32cU32(fsSeed, ino), 0);
 }
 
-/** Low 32 bits of the seconds and the "extra" word: 2 epoch bits, then nanoseconds << 2. */
-function encodeTime(sec: number, nsec: number): [number, number] {
-  const lo = ((sec % 2 ** 32) + 2 ** 32) % 2 ** 32;
-  const signedLo = lo >= 2 ** 31 ? lo - 2 ** 32 : lo;
-  const epoch = ((((sec - signedLo) / 2 ** 32) % 4) + 4) % 4;
-  return [lo, ((nsec << 2) | epoch) >>> 0];
-}
+/** Offset and size of i_block (extent root, fast symlink target or device numbers) in an inode. */
+export const I_BLOCK = 0x28;
+export const I_BLOCK_SIZE = 60;
 
-/** Writes the inode fields into `buf` (INODE_SIZE bytes, xattr area left as is). */
+/**
+ * Writes the inode fields into `buf` (INODE_SIZE bytes; i_block and the xattr area left as they
+ * are: the caller writes i_block in place, one inode of many in an inode table).
+ */
 export function encodeInode(buf: Buffer, f: InodeFields): void {
   buf.writeUInt16LE(f.mode & 0xffff, 0x0);
   buf.writeUInt16LE(f.uid & 0xffff, 0x2);
   buf.writeUInt32LE(f.size % 2 ** 32, 0x4);
-  const [t, extra] = encodeTime(f.time, f.timeNsec);
-  for (const off of [0x8, 0xc, 0x10, 0x90]) buf.writeUInt32LE(t, off); // atime ctime mtime crtime
-  for (const off of [0x84, 0x88, 0x8c, 0x94]) buf.writeUInt32LE(extra, off);
+  // Low 32 bits of the seconds, and the "extra" word: 2 epoch bits, then nanoseconds << 2.
+  const t = ((f.time % 2 ** 32) + 2 ** 32) % 2 ** 32;
+  const signedT = t >= 2 ** 31 ? t - 2 ** 32 : t;
+  const epoch = ((((f.time - signedT) / 2 ** 32) % 4) + 4) % 4;
+  const extra = ((f.timeNsec << 2) | epoch) >>> 0;
+  // atime ctime mtime crtime, then their extra words
+  buf.writeUInt32LE(t, 0x8);
+  buf.writeUInt32LE(t, 0xc);
+  buf.writeUInt32LE(t, 0x10);
+  buf.writeUInt32LE(t, 0x90);
+  buf.writeUInt32LE(extra, 0x84);
+  buf.writeUInt32LE(extra, 0x88);
+  buf.writeUInt32LE(extra, 0x8c);
+  buf.writeUInt32LE(extra, 0x94);
   buf.writeUInt16LE(f.gid & 0xffff, 0x18);
   buf.writeUInt16LE(f.links, 0x1a);
   buf.writeUInt32LE(f.sectors % 2 ** 32, 0x1c);
   buf.writeUInt16LE(Math.floor(f.sectors / 2 ** 32), 0x74);
   buf.writeUInt32LE(f.flags, 0x20);
-  f.block.copy(buf, 0x28, 0, 60);
   buf.writeUInt32LE(f.xattrBlock % 2 ** 32, 0x68);
   buf.writeUInt16LE(Math.floor(f.xattrBlock / 2 ** 32), 0x76);
   buf.writeUInt32LE(Math.floor(f.size / 2 ** 32), 0x6c);
@@ -82,10 +89,11 @@ export function sealInode(buf: Buffer, seed: number): void {
   buf.writeUInt16LE(c >>> 16, 0x82);
 }
 
-/** i_block of a device: the kernel's old 16-bit encoding when it fits, else the new one in word 1. */
-export function deviceBlock(major: number, minor: number): Buffer {
-  const b = Buffer.alloc(60);
-  if (major < 256 && minor < 256) b.writeUInt32LE((major << 8) | minor, 0);
-  else b.writeUInt32LE(((minor & 0xff) | (major << 8) | ((minor & ~0xff) << 12)) >>> 0, 4);
-  return b;
+/**
+ * i_block of a device, written at `off` (zeroed): the kernel's old 16-bit encoding when it fits,
+ * else the new one in word 1.
+ */
+export function writeDeviceBlock(buf: Buffer, off: number, major: number, minor: number): void {
+  if (major < 256 && minor < 256) buf.writeUInt32LE((major << 8) | minor, off);
+  else buf.writeUInt32LE(((minor & 0xff) | (major << 8) | ((minor & ~0xff) << 12)) >>> 0, off + 4);
 }

@@ -33,10 +33,11 @@ import { hashSeedWords } from "./dirhash.js";
 import { buildTree, extentCount, type Run, toExtents, treeBlocks } from "./extents.js";
 import { buildGroups } from "./group.js";
 import {
-  deviceBlock,
   encodeInode,
   FL_EXTENTS,
   FL_INDEX,
+  I_BLOCK,
+  I_BLOCK_SIZE,
   inodeSeed,
   S_IFBLK,
   S_IFCHR,
@@ -46,6 +47,7 @@ import {
   S_IFREG,
   S_IFSOCK,
   sealInode,
+  writeDeviceBlock,
 } from "./inode.js";
 import {
   defaultJournalBlocks,
@@ -530,19 +532,23 @@ async function writeSparseFile(
 function encodeNode(p: Plan, node: Node, buf: Buffer): void {
   const inode = node.inode;
   const seed = inodeSeed(p.fsSeed, node.ino);
-  let block: Buffer = Buffer.alloc(60);
   let flags = 0;
   let size = inode.size;
   if (inode.type === "directory" || inode.type === "file" || (inode.type === "symlink" && node.blocks > 0)) {
-    block = buildTree(toExtents(physicalRuns(node)), node.treeStart, seed).root;
+    buildTree(
+      toExtents(physicalRuns(node)),
+      node.treeStart,
+      seed,
+      buf.subarray(I_BLOCK, I_BLOCK + I_BLOCK_SIZE),
+    );
     flags = FL_EXTENTS | (node.indexed ? FL_INDEX : 0);
     if (inode.type === "directory") size = node.blocks * BLOCK_SIZE;
   }
   if (inode.type === "symlink") {
     size = Buffer.byteLength(inode.target, "utf8");
-    if (node.blocks === 0) Buffer.from(inode.target, "utf8").copy(block);
+    if (node.blocks === 0) buf.write(inode.target, I_BLOCK, I_BLOCK_SIZE, "utf8");
   } else if (inode.type === "char" || inode.type === "block") {
-    block = deviceBlock(inode.rdevMajor, inode.rdevMinor);
+    writeDeviceBlock(buf, I_BLOCK, inode.rdevMajor, inode.rdevMinor);
   } else if (inode.type !== "file" && inode.type !== "directory") {
     size = 0;
   }
@@ -556,7 +562,6 @@ function encodeNode(p: Plan, node: Node, buf: Buffer): void {
     timeNsec: inode.mtimeNsec,
     sectors: (node.blocks + node.tree + (node.xattrBlock ? 1 : 0)) * (BLOCK_SIZE / 512),
     flags,
-    block,
     xattrBlock: node.xattrBlock,
   });
   writeInlineXattrs(buf, node.inline);
@@ -581,9 +586,9 @@ function journalInodeBytes(p: Plan, j: JournalPlan, time: number): Buffer {
     timeNsec: 0,
     sectors: (j.blocks + j.tree) * (BLOCK_SIZE / 512),
     flags: FL_EXTENTS,
-    block: journalTree(p, j).root,
     xattrBlock: 0,
   });
+  journalTree(p, j).root.copy(buf, I_BLOCK);
   sealInode(buf, inodeSeed(p.fsSeed, JOURNAL_INO));
   return buf;
 }
