@@ -29,6 +29,7 @@ export function isZeroRange(buf: Buffer, start: number, end: number): boolean {
 async function writeFully(fh: FileHandle, buf: Buffer, from: number, to: number, position: number) {
   while (from < to) {
     const { bytesWritten } = await fh.write(buf, from, to - from, position);
+    if (bytesWritten === 0) throw new KilnError("STORE", "the output file accepts no more bytes");
     from += bytesWritten;
     position += bytesWritten;
   }

@@ -185,7 +185,7 @@ const STARTUP_EXTRA_CA_CERTS = process.env.NODE_EXTRA_CA_CERTS;
 /**
  * The system CAs plus caFile and the extra bundles the environment names, or undefined when Node's
  * default will do. bin/kiln hands NODE_EXTRA_CA_CERTS on as KILN_DEFERRED_CA_CERTS, so that Node
- * does not load it at start: commands that verify no TLS peer never pay for it.
+ * does not parse it at start: commands that verify no TLS peer never pay for parsing it.
  */
 function trustedCAs(caFile: string | undefined, env: NodeJS.ProcessEnv): string[] | undefined {
   const extra: string[] = [];

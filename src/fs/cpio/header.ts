@@ -46,12 +46,10 @@ export function pad4(size: number): number {
 
 const HEX_DIGITS = Buffer.from("0123456789abcdef", "latin1");
 const MAGIC = Buffer.from(NEWC_MAGIC, "latin1");
-const LABELS = ["ino", "mode", "uid", "gid", "nlink", "mtime", "size", "devmajor", "devminor"].concat([
-  "rdevmajor",
-  "rdevminor",
-  "namesize",
-  "check",
-]);
+/** The 13 fields in header order, for messages. */
+const LABELS = "ino mode uid gid nlink mtime size devmajor devminor rdevmajor rdevminor namesize check".split(
+  " ",
+);
 
 /** Writes field `index` as 8 lowercase hex digits (no string built: one header per entry adds up). */
 function hex8(out: Buffer, index: number, value: number, name: string): void {

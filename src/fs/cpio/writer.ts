@@ -14,9 +14,10 @@
  * time when it creates it, so it loses the times of non-empty directories for any archive the
  * kernel can read, whose parents must come first.)
  *
- * Every byte is copied into large staging buffers (the DataStream the ext4 and EROFS data areas use,
- * or 1 MiB pieces handed to zlib), so the ContentSource may reuse its buffers (ContentOptions
- * transient): a layer is then read into a ring of buffers instead of a fresh one per MiB.
+ * Every byte is copied into large staging buffers: the DataStream the ext4 and EROFS data areas use
+ * (with gzip, 1 MiB pieces handed to zlib first, its output to the DataStream). So the ContentSource
+ * may reuse its buffers (ContentOptions transient): a layer is then read into a ring of buffers
+ * instead of a fresh one per MiB.
  *
  * Hardlinks (newc convention, as GNU cpio writes them): every name of an inode has the same ino
  * and the inode's nlink; the data goes with the last name only, the others have size 0. The
@@ -31,7 +32,7 @@
  * file: the kernel would silently drop such entries).
  */
 import { once } from "node:events";
-import { type FileHandle, open, unlink } from "node:fs/promises";
+import { open, unlink } from "node:fs/promises";
 import { pipeline } from "node:stream/promises";
 import { createGzip } from "node:zlib";
 import { KilnError } from "../../errors.js";
@@ -62,51 +63,6 @@ const PIECE = 1024 * 1024;
 /** The archive is padded with zeros to a multiple of this, as GNU cpio does (its block size). */
 const BLOCK = 512;
 const ZEROS = Buffer.alloc(BLOCK);
-/** Bytes gathered before one writev, and the most buffers in one (under Linux's IOV_MAX of 1024). */
-const BATCH = 1024 * 1024;
-const MAX_IOV = 512;
-
-/** writev until every byte is written (a writev may write part of its buffers). */
-async function writeAll(fh: FileHandle, buffers: Buffer[]): Promise<void> {
-  let rest = buffers;
-  while (rest.length > 0) {
-    let n = (await fh.writev(rest)).bytesWritten;
-    const wanted = rest.reduce((sum, b) => sum + b.length, 0);
-    if (n === 0 && wanted > 0) throw new KilnError("STORE", "cpio: the output file accepts no more bytes");
-    let i = 0;
-    while (i < rest.length && n >= rest[i]!.length) n -= rest[i++]!.length;
-    rest = rest.slice(i);
-    if (n > 0) rest[0] = rest[0]!.subarray(n);
-  }
-}
-
-/**
- * Appends `chunks` to `fh` with writev, in batches (one write per 64 KiB chunk spends most of its
- * time waiting for the thread pool), one batch written while the next is gathered.
- */
-async function writeBatches(fh: FileHandle, chunks: AsyncIterable<Buffer>): Promise<void> {
-  let batch: Buffer[] = [];
-  let batchLen = 0;
-  let writing: Promise<void> = Promise.resolve();
-  try {
-    for await (const chunk of chunks) {
-      batch.push(chunk);
-      batchLen += chunk.length;
-      if (batchLen >= BATCH || batch.length >= MAX_IOV) {
-        await writing;
-        writing = writeAll(fh, batch);
-        writing.catch(() => {}); // handled: awaited before the next batch or in finally
-        batch = [];
-        batchLen = 0;
-      }
-    }
-  } finally {
-    // Never leave a write running behind a failure: the handle is closed next.
-    await writing.catch(() => {});
-  }
-  await writing;
-  await writeAll(fh, batch);
-}
 
 /** Where the archive's bytes go. put copies what it is given: the caller may reuse it at once. */
 interface ArchiveSink {
@@ -114,15 +70,21 @@ interface ArchiveSink {
   end(): Promise<void>;
 }
 
-/** gzip around the archive: the bytes go to zlib in 1 MiB pieces (it keeps them until read). */
+/**
+ * gzip around the archive: the bytes go to zlib in 1 MiB pieces (it keeps them until read), and
+ * what it makes goes on to the data stream.
+ */
 class GzipSink implements ArchiveSink {
   readonly #gzip = createGzip({ level: GZIP_LEVEL, chunkSize: CHUNK });
   readonly #written: Promise<void>;
   #piece = Buffer.allocUnsafe(PIECE);
   #fill = 0;
 
-  constructor(fh: FileHandle) {
-    this.#written = pipeline(this.#gzip, (compressed: AsyncIterable<Buffer>) => writeBatches(fh, compressed));
+  constructor(out: DataStream) {
+    this.#written = pipeline(this.#gzip, async (compressed: AsyncIterable<Buffer>) => {
+      for await (const chunk of compressed) await out.put(chunk);
+      await out.end();
+    });
     this.#written.catch(() => {}); // surfaces through put or end
   }
 
@@ -215,13 +177,13 @@ function clampTime(seconds: number): number {
   return Math.min(MAX_FIELD, Math.max(0, Math.floor(seconds)));
 }
 
-/** Writes the archive to `sink` and ends it; returns the archive's size (uncompressed). */
+/** Writes the archive to `sink` and ends it. */
 async function writeArchive(
   p: Plan,
   content: ContentSource,
   mtimeOverride: number | undefined,
   sink: ArchiveSink,
-): Promise<number> {
+): Promise<void> {
   let total = 0;
   const put = (b: Buffer, from = 0, to = b.length): Promise<void> => {
     total += to - from;
@@ -294,7 +256,6 @@ async function writeArchive(
   await put(scratch, 0, encodeTrailer(scratch));
   await put(ZEROS, 0, (BLOCK - (total % BLOCK)) % BLOCK);
   await sink.end();
-  return total;
 }
 
 /**
@@ -328,16 +289,18 @@ export async function writeCpio(
   const fh = await open(out, "w", 0o644);
   let ok = false;
   try {
+    const stream = new DataStream(fh, 0);
     if (compress === "gzip") {
-      const gzip = new GzipSink(fh);
+      const gzip = new GzipSink(stream);
       await writeArchive(p, content, mtime, gzip).catch(async (err: unknown) => {
         await gzip.abort();
         throw err;
       });
     } else {
-      // The data stream leaves all-zero blocks as holes, the last one included: size the file.
-      await fh.truncate(await writeArchive(p, content, mtime, new DataStream(fh, 0)));
+      await writeArchive(p, content, mtime, stream);
     }
+    // The data stream leaves all-zero blocks as holes, the last one included: size the file.
+    await fh.truncate(stream.position);
     await fh.sync();
     const { size } = await fh.stat();
     ok = true;
