@@ -21,6 +21,7 @@ import { LayerContent } from "../layers/content.js";
 import { LayerFiles } from "../layers/files.js";
 import { type LayerEntry, openLayerTree, TreeBuilder } from "../layers/merge.js";
 import { HeaderPrefetch } from "../layers/prefetch.js";
+import { ReadBuffer } from "../read-buffer.js";
 import { fsyncPath } from "../store/blobs.js";
 import type { ArtifactRecord, ImageRecord } from "../store/catalog.js";
 import type { Store } from "../store/store.js";
@@ -622,20 +623,21 @@ async function writeSparseCopy(
     const output = await open(dest, "wx");
     try {
       const size = (await input.stat()).size;
-      const readAt = async (pos: number, buf: Buffer) => {
-        const { bytesRead } = await input.read(buf, 0, Math.min(CHUNK, size - pos), pos);
-        return bytesRead;
+      const readAt = async (pos: number, into: ReadBuffer) => {
+        const buf = into.view(pos, Math.min(CHUNK, size - pos));
+        const { bytesRead } = await input.read(buf, 0, buf.length, pos);
+        return { buf, n: bytesRead };
       };
-      let [buf, spare] = [Buffer.alloc(CHUNK), Buffer.alloc(CHUNK)];
+      let [buf, spare] = [new ReadBuffer(CHUNK), new ReadBuffer(CHUNK)];
       let pos = 0;
       let next = size > 0 ? readAt(0, buf) : undefined;
       while (next) {
-        const n = await next;
+        const { buf: bytes, n } = await next;
         if (n === 0) break;
         next = pos + n < size ? readAt(pos + n, spare) : undefined;
         // A read into the spare buffer is under way: it must not fail unobserved if a write fails.
         next?.catch(() => {});
-        await writeSparse(output, buf, n, pos);
+        await writeSparse(output, bytes, n, pos);
         onBytes?.(n);
         pos += n;
         [buf, spare] = [spare, buf];

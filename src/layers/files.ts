@@ -12,6 +12,7 @@
  */
 import { type FileHandle, open, unlink } from "node:fs/promises";
 import { KilnError } from "../errors.js";
+import { readBuffer } from "../read-buffer.js";
 import type { BlobStore } from "../store/blobs.js";
 import { FileByteSource } from "../tar/file-source.js";
 import type { ByteSource } from "../tar/reader.js";
@@ -206,7 +207,7 @@ async function* readChunks(
 ): AsyncGenerator<Buffer> {
   const readAt = (pos: number) => {
     const p = (async () => {
-      const buf = Buffer.allocUnsafe(Math.min(READ_CHUNK, size - pos));
+      const buf = readBuffer(pos, Math.min(READ_CHUNK, size - pos));
       const { bytesRead } = await fh.read(buf, 0, buf.length, pos);
       return buf.subarray(0, bytesRead);
     })();

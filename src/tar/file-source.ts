@@ -11,6 +11,7 @@
  */
 import type { FileHandle } from "node:fs/promises";
 import { KilnError } from "../errors.js";
+import { ReadBuffer, readBuffer } from "../read-buffer.js";
 import type { ByteSource } from "./reader.js";
 
 export interface FileSourceOptions {
@@ -43,7 +44,7 @@ export class FileByteSource implements ByteSource {
   readonly #onAdvance: ((n: number) => void) | undefined;
   readonly #reuse: boolean;
   /** Reuse: the current window, the one read ahead, and one more of slack, taken in turn. */
-  readonly #ring: Buffer[] = [];
+  readonly #ring: ReadBuffer[] = [];
   #ringNext = 0;
   #window: Buffer = Buffer.alloc(0);
   #windowStart = 0;
@@ -77,7 +78,9 @@ export class FileByteSource implements ByteSource {
   #readAt(start: number, length: number): Promise<Buffer> {
     const p = (async () => {
       const buf =
-        this.#reuse && length <= this.#windowSize ? this.#ringBuffer(length) : Buffer.allocUnsafe(length);
+        this.#reuse && length <= this.#windowSize
+          ? this.#ringBuffer(start, length)
+          : readBuffer(start, length);
       let got = 0;
       while (got < length) {
         const { bytesRead } = await this.#fh.read(buf, got, length - got, start + got);
@@ -92,11 +95,11 @@ export class FileByteSource implements ByteSource {
     return p;
   }
 
-  #ringBuffer(length: number): Buffer {
+  #ringBuffer(start: number, length: number): Buffer {
     const i = this.#ringNext;
     this.#ringNext = (i + 1) % 3;
-    this.#ring[i] ??= Buffer.allocUnsafe(this.#windowSize);
-    return this.#ring[i].subarray(0, length);
+    this.#ring[i] ??= new ReadBuffer(this.#windowSize);
+    return this.#ring[i].view(start, length);
   }
 
   /** Bytes of the window from the position on (0 when the position is outside it). */
