@@ -5,6 +5,7 @@ import { mkdir, readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { isKilnError } from "../../src/errors.js";
+import { planLayout } from "../../src/fs/erofs/layout.js";
 import { crc32cRaw, SUPER_OFFSET } from "../../src/fs/erofs/superblock.js";
 import { writeErofs } from "../../src/fs/erofs/writer.js";
 import { type Inode, MemoryContent, newInode, walk } from "../../src/fs/tree.js";
@@ -279,6 +280,23 @@ describe("EROFS writer", () => {
     assert.equal(await mode("/setgid"), 0o102755);
     assert.equal(await mode("/a/b/c"), 0o41777);
     assert.ok(Number((await d("/ping")).xattrSize) > 3000);
+  });
+
+  it("places the slots of files with data last, in the order their bytes arrive (one stream with them)", () => {
+    const layout = planLayout(s.root);
+    const walkOrder = layout.nodes.map((n) => n.inode).filter((i) => i.type === "file" && i.data);
+    assert.notDeepEqual(layout.files, walkOrder, "the sample's data order should differ from its walk order");
+    const offsets = layout.files.map((i) => layout.byInode.get(i)!.offset);
+    assert.equal(offsets[0], layout.filesOffset);
+    assert.deepEqual(
+      offsets,
+      [...offsets].sort((a, b) => a - b),
+    );
+    const files = new Set(layout.files);
+    for (const node of layout.nodes)
+      if (!files.has(node.inode))
+        assert.ok(node.offset < layout.filesOffset, `/${node.path} after the files`);
+    assert.equal(layout.byInode.get(s.root)!.offset, 32); // nid 1: the root
   });
 
   it("writes the same bytes twice, and the UUID and volume name where the superblock keeps them", async () => {

@@ -50,7 +50,9 @@ export function encodeDirBlock(
   for (let i = from; i < to; i++) {
     const e = entries[i]!;
     const d = off + (i - from) * DIRENT_SIZE;
-    buf.writeBigUInt64LE(BigInt(e.nid), d);
+    // Two 32-bit halves: a BigInt per entry is an allocation per name of the image.
+    buf.writeUInt32LE(e.nid % 0x100000000, d);
+    buf.writeUInt32LE(Math.floor(e.nid / 0x100000000), d + 4);
     buf.writeUInt16LE(nameoff, d + 8);
     buf.writeUInt8(e.type, d + 10);
     buf.writeUInt8(0, d + 11);

@@ -68,6 +68,12 @@ export function fitsCompact(
   );
 }
 
+/** A 64-bit little-endian integer from a safe integer, without a BigInt (one per inode adds up). */
+function writeInt64(buf: Buffer, value: number, off: number): void {
+  buf.writeUInt32LE(((value % 0x100000000) + 0x100000000) % 0x100000000, off);
+  buf.writeInt32LE(Math.floor(value / 0x100000000), off + 4);
+}
+
 /** Writes the inode into `buf` at `off` (COMPACT_SIZE or EXTENDED_SIZE bytes, all set). */
 export function encodeInode(f: InodeFields, buf: Buffer, off: number): void {
   const size = f.extended ? EXTENDED_SIZE : COMPACT_SIZE;
@@ -78,10 +84,10 @@ export function encodeInode(f: InodeFields, buf: Buffer, off: number): void {
   buf.writeUInt32LE(f.u >>> 0, off + 16);
   buf.writeUInt32LE(f.ino >>> 0, off + 20);
   if (f.extended) {
-    buf.writeBigUInt64LE(BigInt(f.size), off + 8);
+    writeInt64(buf, f.size, off + 8);
     buf.writeUInt32LE(f.uid, off + 24);
     buf.writeUInt32LE(f.gid, off + 28);
-    buf.writeBigInt64LE(BigInt(f.mtime), off + 32);
+    writeInt64(buf, f.mtime, off + 32);
     buf.writeUInt32LE(f.mtimeNsec, off + 40);
     buf.writeUInt32LE(f.nlink, off + 44);
   } else {

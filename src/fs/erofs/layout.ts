@@ -7,13 +7,16 @@
  *   then                   full blocks of directories and symlinks too big to inline
  *   meta_blkaddr..end      the metadata area: per inode, on 32-byte slots, the inode, its inline
  *                          xattrs, and its inline tail (last partial block of a file, directory or
- *                          symlink), the whole kept inside one block as the kernel requires.
+ *                          symlink), the whole kept inside one block as the kernel requires. The
+ *                          root and every inode without file data first (walk order), then regular
+ *                          files with data in dataOrder: their slots, tails included, are written
+ *                          as a second stream beside their blocks, in the one pass over the layers.
  *
  * Slot 0 of the metadata area stays empty: the kernel reports nid as the inode number, and a
  * root with inode number 0 hides "." and ".." from readdir users that skip d_ino 0.
  */
 import { KilnError } from "../../errors.js";
-import { dataOrder, type Inode } from "../tree.js";
+import { type Inode, sortDataOrder } from "../tree.js";
 import { type DirEntry, type DirPlan, planDirBlocks } from "./dirent.js";
 import {
   COMPACT_SIZE,
@@ -55,9 +58,9 @@ export interface Node {
   /** Byte offset of the slot in the metadata area; nid = offset / 32. */
   offset: number;
   /** Directories: entries with "." and "..", sorted by name bytes, and their block split. */
-  dir?: { entries: DirRef[]; plan: DirPlan };
+  dir: { entries: DirRef[]; plan: DirPlan } | undefined;
   /** Symlinks: the target bytes. */
-  target?: Buffer;
+  target: Buffer | undefined;
 }
 
 /** A dirent with the inode it names (its nid is known once slots are placed). */
@@ -71,11 +74,13 @@ const DOT = Buffer.from(".");
 const DOTDOT = Buffer.from("..");
 
 export interface Layout {
-  /** Every inode once, in walk order (the root first): the order of the metadata area. */
+  /** Every inode once, in walk order (the root first). */
   nodes: Node[];
   byInode: Map<Inode, Node>;
-  /** Regular files with data, in the order their bytes arrive. */
+  /** Regular files with data, in the order their bytes arrive; their slots follow in that order. */
   files: Inode[];
+  /** Byte offset in the metadata area where the files' slots begin (metaBytes when there are none). */
+  filesOffset: number;
   buildTime: number;
   buildTimeNsec: number;
   metaBlkaddr: number;
@@ -130,6 +135,8 @@ function commonTime(inodes: readonly Inode[]): [number, number] {
 interface Visit {
   nodes: Node[];
   byInode: Map<Inode, Node>;
+  /** Regular files with data, each once, in walk order. */
+  files: Inode[];
   /** Directories: their dirents, sorted by name bytes. */
   children: Map<Inode, DirRef[]>;
 }
@@ -139,7 +146,7 @@ interface Visit {
  * directory once: walk() compares names by re-encoding them, too slow for 100k-entry trees.
  */
 function visitTree(root: Inode): Visit {
-  const v: Visit = { nodes: [], byInode: new Map(), children: new Map() };
+  const v: Visit = { nodes: [], byInode: new Map(), files: [], children: new Map() };
   const visit = (path: string, inode: Inode, parent: Inode): void => {
     const seen = v.byInode.get(inode);
     if (seen) {
@@ -164,9 +171,13 @@ function visitTree(root: Inode): Visit {
       u: 0,
       tail: 0,
       offset: 0,
+      // Present on every node, so all nodes share one shape (property reads stay monomorphic).
+      dir: undefined,
+      target: undefined,
     };
     v.nodes.push(node);
     v.byInode.set(inode, node);
+    if (inode.type === "file" && inode.data) v.files.push(inode);
     if (inode.type !== "directory") return;
     // Dirents, "." and ".." included: they sort among the names ("-x" comes before them).
     const entries: DirRef[] = [
@@ -202,7 +213,8 @@ export function planLayout(root: Inode, opts: LayoutOptions = {}): Layout {
       "INVALID_ARGUMENT",
       `EROFS build time ${opts.buildTime} is not a non-negative integer`,
     );
-  const { nodes, byInode, children } = visitTree(root);
+  const { nodes, byInode, files, children } = visitTree(root);
+  sortDataOrder(files);
 
   const [buildTime, buildTimeNsec] =
     opts.buildTime === undefined ? commonTime(nodes.map((n) => n.inode)) : [opts.buildTime, 0];
@@ -275,7 +287,6 @@ export function planLayout(root: Inode, opts: LayoutOptions = {}): Layout {
 
   // Blocks: regular files in dataOrder first, then directories and symlinks.
   let next = 1;
-  const files = dataOrder(root);
   const place = (node: Node): void => {
     if (node.blocks > 0) {
       node.u = next;
@@ -285,19 +296,24 @@ export function planLayout(root: Inode, opts: LayoutOptions = {}): Layout {
     }
   };
   for (const inode of files) place(byInode.get(inode)!);
-  for (const node of nodes) if (node.inode.type !== "file" || !node.inode.data) place(node);
+  const others = nodes.filter((node) => node.inode.type !== "file" || !node.inode.data);
+  for (const node of others) place(node);
   const metaBlkaddr = next;
 
   // Slots: 32-byte aligned; a slot that fits in a block never straddles two.
   let offset = SLOT_SIZE;
-  for (const node of nodes) {
+  const placeSlot = (node: Node): void => {
     const size = inodeSize(node) + node.xattrs.length + node.tail;
     offset = Math.ceil(offset / SLOT_SIZE) * SLOT_SIZE;
     if (size <= BLOCK_SIZE && (offset % BLOCK_SIZE) + size > BLOCK_SIZE)
       offset = Math.ceil(offset / BLOCK_SIZE) * BLOCK_SIZE;
     node.offset = offset;
     offset += size;
-  }
+  };
+  for (const node of others) placeSlot(node);
+  for (const inode of files) placeSlot(byInode.get(inode)!);
+  const filesOffset =
+    files.length > 0 ? byInode.get(files[0]!)!.offset : Math.ceil(offset / BLOCK_SIZE) * BLOCK_SIZE;
   const metaBytes = Math.ceil(offset / BLOCK_SIZE) * BLOCK_SIZE;
   if (slotOf(nodes[0]!) > 0xffff)
     throw new KilnError("INTERNAL", "EROFS root inode nid does not fit 16 bits");
@@ -313,5 +329,15 @@ export function planLayout(root: Inode, opts: LayoutOptions = {}): Layout {
       "TOO_LARGE",
       `EROFS image would need ${totalBlocks} blocks; 4 KiB blocks address at most 16 TiB`,
     );
-  return { nodes, byInode, files, buildTime, buildTimeNsec, metaBlkaddr, metaBytes, totalBlocks };
+  return {
+    nodes,
+    byInode,
+    files,
+    filesOffset,
+    buildTime,
+    buildTimeNsec,
+    metaBlkaddr,
+    metaBytes,
+    totalBlocks,
+  };
 }

@@ -1,14 +1,15 @@
 /**
  * Writes a tree as an uncompressed EROFS image (4 KiB blocks). The layout is computed first
- * (layout.ts); then the superblock, the metadata area and directory/symlink blocks are written,
- * and finally file contents stream in dataOrder, each file's full blocks to its data blocks and
- * its tail into the slot reserved after its inode. All-zero blocks are skipped: the output is
+ * (layout.ts); then the superblock, the slots of inodes without file data and directory/symlink
+ * blocks are written, and finally file contents stream in dataOrder as two sequential streams:
+ * each file's full blocks to the data area, and its slot (inode, xattrs, tail) to the files' part
+ * of the metadata area, laid out in that same order. All-zero blocks are skipped: the output is
  * sparse. Nothing depends on the clock: UUID and times come from the caller and the tree.
  */
 import { writeSync } from "node:fs";
 import { type FileHandle, open } from "node:fs/promises";
 import { KilnError } from "../../errors.js";
-import { DataStream, isZeroRange } from "../datastream.js";
+import { DataStream } from "../datastream.js";
 import type { ContentSource, Inode } from "../tree.js";
 import { encodeDirBlock } from "./dirent.js";
 import { encodeInode, modeBits } from "./inode.js";
@@ -27,7 +28,6 @@ export interface ErofsOptions {
   inlineData?: boolean;
 }
 
-const CHUNK = 1 << 20;
 const SMALL_WRITE = 64 * 1024;
 
 /**
@@ -46,10 +46,25 @@ async function writeAt(fh: FileHandle, buf: Buffer, position: number): Promise<v
   }
 }
 
-/** One slot: the inode, its xattrs, and its inline tail when it is a directory's or symlink's. */
-function encodeSlot(node: Node): Buffer {
+/** Reused for slots: a buffer per inode adds up to 100k+ small allocations on a big image. */
+class SlotBuffer {
+  #buf = Buffer.alloc(BLOCK_SIZE);
+
+  /** Zeroed room for `n` bytes. */
+  take(n: number): Buffer {
+    if (n > this.#buf.length) this.#buf = Buffer.alloc(n);
+    return this.#buf.fill(0, 0, n).subarray(0, n);
+  }
+}
+
+/**
+ * One slot into `slots`: the inode, its xattrs, and its inline tail when it is a directory's or
+ * symlink's (a file's tail is not included: it arrives with the file's bytes).
+ */
+function encodeSlot(node: Node, slots: SlotBuffer): Buffer {
   const isize = inodeSize(node);
-  const buf = Buffer.alloc(isize + node.xattrs.length + node.tail);
+  const fileTail = node.inode.type === "file" ? node.tail : 0;
+  const buf = slots.take(isize + node.xattrs.length + node.tail - fileTail);
   const { inode } = node;
   encodeInode(
     {
@@ -83,32 +98,16 @@ function encodeSlot(node: Node): Buffer {
 
 const modeOf = (inode: Inode): number => modeBits(inode.type, inode.mode);
 
-/** The metadata area, written in order through a 1 MiB buffer. */
-async function writeMeta(fh: FileHandle, layout: Layout): Promise<void> {
+/** The slots of inodes without file data, the first part of the metadata area, in order. */
+async function writeMeta(fh: FileHandle, layout: Layout, slots: SlotBuffer): Promise<void> {
   const base = layout.metaBlkaddr * BLOCK_SIZE;
-  const chunk = Buffer.alloc(CHUNK);
-  let chunkStart = 0;
-  const flush = async (upTo: number): Promise<void> => {
-    await writeAt(fh, chunk.subarray(0, upTo), base + chunkStart);
-    chunk.fill(0);
-  };
+  const stream = new DataStream(fh, base);
   for (const node of layout.nodes) {
-    const slot = encodeSlot(node);
-    let at = node.offset;
-    let from = 0;
-    while (from < slot.length) {
-      if (at - chunkStart >= CHUNK) {
-        await flush(CHUNK);
-        chunkStart += CHUNK;
-        continue;
-      }
-      const n = Math.min(slot.length - from, CHUNK - (at - chunkStart));
-      slot.copy(chunk, at - chunkStart, from, from + n);
-      from += n;
-      at += n;
-    }
+    if (node.inode.type === "file" && node.inode.data) continue; // with the file's bytes
+    await stream.seek(base + node.offset);
+    await stream.put(encodeSlot(node, slots));
   }
-  await flush(layout.metaBytes - chunkStart);
+  await stream.end();
 }
 
 /** Full blocks of directories and of symlinks that do not fit their slot. */
@@ -129,9 +128,16 @@ async function writeDirAndLinkBlocks(fh: FileHandle, layout: Layout): Promise<vo
   }
 }
 
-/** Streams file contents: full blocks to the data area, the tail into the inode's slot. */
-async function writeContents(fh: FileHandle, layout: Layout, content: ContentSource): Promise<void> {
+/** Streams file contents: full blocks to the data area, the slot and its tail to the metadata area. */
+async function writeContents(
+  fh: FileHandle,
+  layout: Layout,
+  content: ContentSource,
+  slots: SlotBuffer,
+): Promise<void> {
   const stream = new DataStream(fh, BLOCK_SIZE);
+  const metaBase = layout.metaBlkaddr * BLOCK_SIZE;
+  const meta = new DataStream(fh, metaBase + layout.filesOffset);
   let index = 0;
   // Transient: every chunk is copied (into the data stream or the tail) before the next is asked for.
   for await (const { inode, data } of content.contents(layout.files, { transient: true })) {
@@ -141,7 +147,9 @@ async function writeContents(fh: FileHandle, layout: Layout, content: ContentSou
     index++;
     const size = node.size;
     const inBlocks = node.tail > 0 ? node.blocks * BLOCK_SIZE : size;
-    const tail = node.tail > 0 ? Buffer.alloc(node.tail) : undefined;
+    // The slot goes first; the tail, the file's last bytes, follows it in the same stream.
+    await meta.seek(metaBase + node.offset);
+    await meta.put(encodeSlot(node, slots));
     if (inBlocks > 0) await stream.seek(node.u * BLOCK_SIZE);
     let pos = 0;
     for await (const chunk of data) {
@@ -149,7 +157,7 @@ async function writeContents(fh: FileHandle, layout: Layout, content: ContentSou
         throw new KilnError("INVALID_ARCHIVE", `content of /${node.path} is longer than its ${size} bytes`);
       const split = Math.max(0, Math.min(chunk.length, inBlocks - pos));
       if (split > 0) await stream.put(chunk, 0, split);
-      if (split < chunk.length) chunk.copy(tail!, pos + split - inBlocks, split);
+      if (split < chunk.length) await meta.put(chunk, split);
       pos += chunk.length;
     }
     if (pos !== size)
@@ -157,12 +165,8 @@ async function writeContents(fh: FileHandle, layout: Layout, content: ContentSou
         "INVALID_ARCHIVE",
         `content of /${node.path} ended after ${pos} of its ${size} bytes`,
       );
-    if (tail && !isZeroRange(tail, 0, tail.length)) {
-      const at = layout.metaBlkaddr * BLOCK_SIZE + node.offset + inodeSize(node) + node.xattrs.length;
-      await writeAt(fh, tail, at);
-    }
   }
-  await stream.end();
+  await Promise.all([stream.end(), meta.end()]);
   if (index !== layout.files.length)
     throw new KilnError("INTERNAL", `content source delivered ${index} of ${layout.files.length} files`);
 }
@@ -197,9 +201,10 @@ export async function writeErofs(
       }),
       0,
     );
-    await writeMeta(fh, layout);
+    const slots = new SlotBuffer();
+    await writeMeta(fh, layout, slots);
     await writeDirAndLinkBlocks(fh, layout);
-    await writeContents(fh, layout, content);
+    await writeContents(fh, layout, content, slots);
     await fh.truncate(bytes);
   } finally {
     await fh.close();
