@@ -2,6 +2,7 @@ import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { test } from "node:test";
 import { promisify } from "node:util";
+import { crc32c, crc32cZeros } from "../../src/fs/ext4/crc32c.js";
 import { buildDirectory, type DirEntry, directoryShape, FT_REG } from "../../src/fs/ext4/dir.js";
 import { dirHash, hashSeedWords } from "../../src/fs/ext4/dirhash.js";
 
@@ -62,5 +63,24 @@ test("dirHash matches debugfs dx_hash (half_md4, unsigned)", async () => {
         `${name} with seed ${seedHex}`,
       );
     }
+  }
+});
+
+test("crc32cZeros is crc32c over that many zero bytes (directory blocks skip their empty part)", () => {
+  for (const n of [0, 1, 2, 3, 8, 100, 4084, 4095, 4096, 4097, 20000])
+    for (const start of [0, 1, 0xffffffff, 0x80000000, 0x1234abcd])
+      assert.equal(crc32cZeros(start, n), crc32c(start, Buffer.alloc(n)), `${n} zeros from ${start}`);
+});
+
+test("leaf block checksums cover the whole block, the empty part included", () => {
+  for (const list of [entries(0, 1), entries(3, 5), entries(150, 20)]) {
+    const { blocks } = buildDirectory(2, 2, list, seed, 0x5eed);
+    let leaves = 0;
+    for (const b of blocks) {
+      if (b.readUInt8(4084 + 7) !== 0xde) continue; // the htree root or a node, not a leaf
+      assert.equal(b.readUInt32LE(4084 + 8), crc32c(0x5eed, b, 0, 4084));
+      leaves++;
+    }
+    assert.ok(leaves > 0);
   }
 });

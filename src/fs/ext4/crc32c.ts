@@ -42,3 +42,41 @@ export function crc32cU32(seed: number, value: number): number {
     (t[768 + (c & 0xff)]! ^ t[512 + ((c >>> 8) & 0xff)]! ^ t[256 + ((c >>> 16) & 0xff)]! ^ t[c >>> 24]!) >>> 0
   );
 }
+
+/** The register after one zero byte: linear over GF(2), so n zero bytes are an operator's power. */
+function zeroByte(c: number): number {
+  return (TABLES[c & 0xff]! ^ (c >>> 8)) >>> 0;
+}
+
+/** Applies a 32×32 GF(2) matrix (its columns) to a register. */
+function apply(op: Uint32Array, c: number): number {
+  let r = 0;
+  for (let i = 0; c !== 0; i++, c >>>= 1) if (c & 1) r ^= op[i]!;
+  return r >>> 0;
+}
+
+/** ZERO_RUNS[k]: the operator for 2^k zero bytes, up to a 4 KiB block's worth. */
+const ZERO_RUNS: Uint32Array[] = (() => {
+  const ops: Uint32Array[] = [];
+  let op = new Uint32Array(32).map((_, i) => zeroByte((1 << i) >>> 0));
+  for (let k = 0; k <= 12; k++) {
+    ops.push(op);
+    const prev = op;
+    op = new Uint32Array(32).map((_, i) => apply(prev, prev[i]!));
+  }
+  return ops;
+})();
+
+/**
+ * crc32c over `n` zero bytes, in a few hundred steps instead of n table lookups: directory blocks
+ * are mostly zeros past their last entry, and their checksums ran through every byte.
+ */
+export function crc32cZeros(seed: number, n: number): number {
+  let c = seed >>> 0;
+  for (let k = 0; n > 0; k++, n = Math.floor(n / 2)) {
+    if (n % 2 === 0) continue;
+    if (k < ZERO_RUNS.length) c = apply(ZERO_RUNS[k]!, c);
+    else for (let j = 0; j < 2 ** (k - 12); j++) c = apply(ZERO_RUNS[12]!, c);
+  }
+  return c;
+}

@@ -6,7 +6,7 @@
  */
 
 import { KilnError } from "../../errors.js";
-import { crc32c } from "./crc32c.js";
+import { crc32c, crc32cZeros } from "./crc32c.js";
 import { dirHash } from "./dirhash.js";
 import { BLOCK_SIZE } from "./layout.js";
 import { HASH_HALF_MD4 } from "./superblock.js";
@@ -42,28 +42,33 @@ function putEntry(b: Buffer, off: number, e: DirEntry, rec: number): void {
   e.name.copy(b, off + 8);
 }
 
-/** Writes the dirent tail (a fake entry: inode 0, rec_len 12, type 0xDE) and its checksum. */
-function sealLeaf(b: Buffer, seed: number): void {
+/**
+ * Writes the dirent tail (a fake entry: inode 0, rec_len 12, type 0xDE) and its checksum. The
+ * block is zero from `used` to the tail: that run is checksummed without being read.
+ */
+function sealLeaf(b: Buffer, seed: number, used: number): void {
   const t = LEAF_SPACE;
   b.writeUInt32LE(0, t);
   b.writeUInt16LE(TAIL, t + 4);
   b.writeUInt8(0, t + 6);
   b.writeUInt8(0xde, t + 7);
-  b.writeUInt32LE(crc32c(seed, b, 0, t), t + 8);
+  b.writeUInt32LE(crc32cZeros(crc32c(seed, b, 0, used), t - used), t + 8);
 }
 
 function leafBlock(entries: readonly DirEntry[], seed: number): Buffer {
   const b = Buffer.alloc(BLOCK_SIZE);
   let off = 0;
+  let used = 8;
   if (entries.length === 0) {
     b.writeUInt16LE(LEAF_SPACE, 4); // one empty entry spanning the block
   }
   entries.forEach((e, i) => {
     const rec = i === entries.length - 1 ? LEAF_SPACE - off : recLen(e.name.length);
     putEntry(b, off, e, rec);
+    used = off + 8 + e.name.length;
     off += rec;
   });
-  sealLeaf(b, seed);
+  sealLeaf(b, seed, used);
   return b;
 }
 
