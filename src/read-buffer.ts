@@ -23,7 +23,7 @@ function shift(position: number): number {
 export class ReadBuffer {
   readonly #memory: Buffer;
 
-  constructor(readonly capacity: number) {
+  constructor(capacity: number) {
     this.#memory = Buffer.allocUnsafeSlow(capacity + PAGE);
   }
 

@@ -244,7 +244,7 @@ export class Transport {
   /** The CA part of the TLS options. */
   private trust(verify: boolean): ConnectionOptions {
     // Nothing verified, no store needed: an empty one spares the ~40 ms Node spends parsing its
-    // root certificates for its first context (the HTTPS probe of a loopback registry).
+    // root certificates for its first context (the HTTPS probe of an insecure registry).
     if (!verify) return { ca: [] };
     // One context per agent: given a `ca` list, tls.connect would parse it again for each connection.
     return this.ca ? { secureContext: createSecureContext({ ca: this.ca }) } : {};

@@ -312,9 +312,8 @@ export function planLayout(root: Inode, opts: LayoutOptions = {}): Layout {
   };
   for (const node of others) placeSlot(node);
   for (const inode of files) placeSlot(byInode.get(inode)!);
-  const filesOffset =
-    files.length > 0 ? byInode.get(files[0]!)!.offset : Math.ceil(offset / BLOCK_SIZE) * BLOCK_SIZE;
   const metaBytes = Math.ceil(offset / BLOCK_SIZE) * BLOCK_SIZE;
+  const filesOffset = files.length > 0 ? byInode.get(files[0]!)!.offset : metaBytes;
   if (slotOf(nodes[0]!) > 0xffff)
     throw new KilnError("INTERNAL", "EROFS root inode nid does not fit 16 bits");
 

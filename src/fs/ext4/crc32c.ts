@@ -55,17 +55,16 @@ function apply(op: Uint32Array, c: number): number {
   return r >>> 0;
 }
 
-/** ZERO_RUNS[k]: the operator for 2^k zero bytes, up to a 4 KiB block's worth. */
-const ZERO_RUNS: Uint32Array[] = (() => {
-  const ops: Uint32Array[] = [];
-  let op = new Uint32Array(32).map((_, i) => zeroByte((1 << i) >>> 0));
-  for (let k = 0; k <= 12; k++) {
-    ops.push(op);
-    const prev = op;
-    op = new Uint32Array(32).map((_, i) => apply(prev, prev[i]!));
+/** ZERO_RUNS[k]: the operator for 2^k zero bytes (each the square of the one before), made as needed. */
+const ZERO_RUNS: Uint32Array[] = [new Uint32Array(32).map((_, i) => zeroByte((1 << i) >>> 0))];
+
+function zeroRun(k: number): Uint32Array {
+  while (ZERO_RUNS.length <= k) {
+    const prev = ZERO_RUNS[ZERO_RUNS.length - 1]!;
+    ZERO_RUNS.push(new Uint32Array(32).map((_, i) => apply(prev, prev[i]!)));
   }
-  return ops;
-})();
+  return ZERO_RUNS[k]!;
+}
 
 /**
  * crc32c over `n` zero bytes, in a few hundred steps instead of n table lookups: directory blocks
@@ -73,10 +72,6 @@ const ZERO_RUNS: Uint32Array[] = (() => {
  */
 export function crc32cZeros(seed: number, n: number): number {
   let c = seed >>> 0;
-  for (let k = 0; n > 0; k++, n = Math.floor(n / 2)) {
-    if (n % 2 === 0) continue;
-    if (k < ZERO_RUNS.length) c = apply(ZERO_RUNS[k]!, c);
-    else for (let j = 0; j < 2 ** (k - 12); j++) c = apply(ZERO_RUNS[12]!, c);
-  }
+  for (let k = 0; n > 0; k++, n = Math.floor(n / 2)) if (n % 2 === 1) c = apply(zeroRun(k), c);
   return c;
 }
