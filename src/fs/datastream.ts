@@ -4,22 +4,29 @@
  * file sizes: few, large writes, and no per-block bookkeeping. Two buffers: one fills while the
  * other is being written. All-zero blocks are not written: they stay holes of the output file
  * (which the writer has sized beforehand), so images stay sparse.
+ *
+ * Aligned runs go out through a second, O_DIRECT handle where the filesystem takes one: straight
+ * from the staging buffer to the disk, not through fresh page-cache pages that are then written
+ * back at the fsync. On these machines that is 850 MB/s to durable bytes against 280 MB/s (dd), and
+ * buffered writes of a large image also pay for every fresh page the VM hands out.
  */
-import type { FileHandle } from "node:fs/promises";
+import { constants } from "node:fs";
+import { type FileHandle, open } from "node:fs/promises";
 import { KilnError } from "../errors.js";
-
-/**
- * Written bytes after which the stream asks the kernel to write them back (fdatasync, one at a
- * time, not awaited): every image is fsynced once it is complete, and without this the disk would
- * sit idle while the image is written, then take all of it at the end. Small enough that one sync
- * never holds a thread-pool thread for long.
- */
-const WRITE_BEHIND = 32 << 20;
+import { WriteBehind } from "../write-behind.js";
 
 /** Both ext4 and EROFS images here use 4 KiB blocks. */
 const BLOCK = 4096;
 const CHUNK = 1 << 20;
 const ZERO = Buffer.alloc(CHUNK);
+/** Position, length and memory alignment asked of O_DIRECT writes (any device's logical block). */
+const DIRECT_ALIGN = 4096;
+const WASM_PAGE = 65536;
+
+// The one WebAssembly API used here (TypeScript's node lib does not declare the global).
+declare const WebAssembly: {
+  Memory: new (descriptor: { initial: number; maximum: number }) => { buffer: ArrayBuffer };
+};
 
 /** buf[start, end) is all zeros (compared in place: no slices allocated). */
 export function isZeroRange(buf: Buffer, start: number, end: number): boolean {
@@ -28,7 +35,31 @@ export function isZeroRange(buf: Buffer, start: number, end: number): boolean {
   return ZERO.compare(buf, start, end, 0, end - start) === 0;
 }
 
-async function writeFully(fh: FileHandle, buf: Buffer, from: number, to: number, position: number) {
+/**
+ * `size` zeroed bytes at a page-aligned address, as O_DIRECT needs. A WebAssembly memory is mapped
+ * by pages; Node's own large buffers start 16 bytes into one (malloc's header).
+ */
+function pageAligned(size: number): Buffer {
+  const pages = Math.ceil(size / WASM_PAGE);
+  return Buffer.from(new WebAssembly.Memory({ initial: pages, maximum: pages }).buffer, 0, size);
+}
+
+/**
+ * A second handle on the image at `path` for O_DIRECT writes; undefined where the filesystem does
+ * not take them (the stream then writes everything through the page cache).
+ */
+export async function openDirect(path: string): Promise<FileHandle | undefined> {
+  if (constants.O_DIRECT === undefined) return undefined;
+  return open(path, constants.O_WRONLY | constants.O_DIRECT).catch(() => undefined);
+}
+
+/** Where a stream's bytes go: `direct` takes aligned runs until it refuses one. */
+interface Sink {
+  fh: FileHandle;
+  direct: FileHandle | undefined;
+}
+
+async function writeAll(fh: FileHandle, buf: Buffer, from: number, to: number, position: number) {
   while (from < to) {
     const { bytesWritten } = await fh.write(buf, from, to - from, position);
     if (bytesWritten === 0) throw new KilnError("STORE", "the output file accepts no more bytes");
@@ -37,36 +68,61 @@ async function writeFully(fh: FileHandle, buf: Buffer, from: number, to: number,
   }
 }
 
+/** buf[from, to) at `position`: the aligned part directly when it can, the rest buffered. */
+async function writeFully(sink: Sink, buf: Buffer, from: number, to: number, position: number) {
+  const aligned = to - from - ((to - from) % DIRECT_ALIGN);
+  if (sink.direct && position % DIRECT_ALIGN === 0 && from % DIRECT_ALIGN === 0 && aligned > 0) {
+    try {
+      await writeAll(sink.direct, buf, from, from + aligned, position);
+      from += aligned;
+      position += aligned;
+    } catch (err) {
+      // Alignment it does not take (a device with larger blocks, a filesystem's own rule):
+      // everything goes through the page cache from here, this run included.
+      if ((err as NodeJS.ErrnoException).code !== "EINVAL") throw err;
+      sink.direct = undefined;
+    }
+  }
+  await writeAll(sink.fh, buf, from, to, position);
+}
+
 /** Writes buf[0..len) at `position`, skipping all-zero blocks (they stay holes of the file). */
-export async function writeSparse(fh: FileHandle, buf: Buffer, len: number, position: number): Promise<void> {
+export async function writeSparse(
+  fh: FileHandle | Sink,
+  buf: Buffer,
+  len: number,
+  position: number,
+): Promise<void> {
+  const sink = "direct" in fh ? fh : { fh, direct: undefined };
   let run = -1;
   for (let i = 0; i < len; i += BLOCK) {
     const end = Math.min(i + BLOCK, len);
     if (isZeroRange(buf, i, end)) {
-      if (run >= 0) await writeFully(fh, buf, run, i, position + run);
+      if (run >= 0) await writeFully(sink, buf, run, i, position + run);
       run = -1;
     } else if (run < 0) {
       run = i;
     }
   }
-  if (run >= 0) await writeFully(fh, buf, run, len, position + run);
+  if (run >= 0) await writeFully(sink, buf, run, len, position + run);
 }
 
 export class DataStream {
-  #stage = Buffer.alloc(CHUNK);
-  #spare = Buffer.alloc(CHUNK);
+  #stage = pageAligned(CHUNK);
+  #spare = pageAligned(CHUNK);
+  readonly #sink: Sink;
   #fill = 0;
   #start: number;
   #pending: Promise<void> = Promise.resolve();
   #error: unknown;
-  #unsynced = 0;
-  #syncing: Promise<void> | undefined;
+  /** Images are fsynced once complete: their blocks go to the disk while the rest is written. */
+  readonly #behind: WriteBehind;
 
-  constructor(
-    private readonly fh: FileHandle,
-    start: number,
-  ) {
+  /** `direct`: the same file opened by openDirect, for the aligned runs (the caller closes it). */
+  constructor(fh: FileHandle, start: number, direct?: FileHandle | undefined) {
     this.#start = start;
+    this.#sink = { fh, direct };
+    this.#behind = new WriteBehind(() => fh.datasync());
   }
 
   /** Byte offset in the output of the next byte put. */
@@ -102,32 +158,18 @@ export class DataStream {
   async end(): Promise<void> {
     await this.#flush();
     await this.#pending;
-    await this.#syncing;
     if (this.#error) throw this.#error;
-  }
-
-  /** Starts writing back what was written so far, unless a write-back is still running. */
-  #writeBehind(written: number): void {
-    this.#unsynced += written;
-    if (this.#unsynced < WRITE_BEHIND || this.#syncing) return;
-    this.#unsynced = 0;
-    this.#syncing = this.fh
-      .datasync()
-      .catch((err: unknown) => {
-        this.#error ??= err;
-      })
-      .finally(() => {
-        this.#syncing = undefined;
-      });
+    await this.#behind.settle();
   }
 
   async #flush(): Promise<void> {
     await this.#pending;
     if (this.#error) throw this.#error;
+    if (this.#behind.error !== undefined) throw this.#behind.error;
     const [buf, len, pos] = [this.#stage, this.#fill, this.#start];
     // A handler now, so a failed write never surfaces as an unhandled rejection.
-    this.#pending = writeSparse(this.fh, buf, len, pos).then(
-      () => this.#writeBehind(len),
+    this.#pending = writeSparse(this.#sink, buf, len, pos).then(
+      () => this.#behind.wrote(len),
       (err: unknown) => {
         this.#error = err;
       },

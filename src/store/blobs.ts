@@ -1,5 +1,5 @@
 import { createHash } from "node:crypto";
-import { createReadStream, createWriteStream, openSync } from "node:fs";
+import { createReadStream, createWriteStream, fdatasync as fdatasyncCb, openSync } from "node:fs";
 import {
   type FileHandle,
   lstat,
@@ -15,11 +15,14 @@ import {
 import { join } from "node:path";
 import type { Readable } from "node:stream";
 import { pipeline } from "node:stream/promises";
+import { promisify } from "node:util";
 import { KilnError } from "../errors.js";
 import { parseDigest } from "../reference/digest.js";
+import { WriteBehind } from "../write-behind.js";
 import { storeLayout } from "./root.js";
 
 const HEX64 = /^[0-9a-f]{64}$/;
+const fdatasync = promisify(fdatasyncCb);
 
 /**
  * Content-addressed blobs, `blobs/sha256/<hex>`, shared by every image. A file appears at its final
@@ -210,22 +213,35 @@ class DirStaging implements Staging {
     let n = 0;
     // A large buffer lets the stream batch network chunks into few writev calls.
     const out = createWriteStream(file, { flags: "wx", highWaterMark: 4 << 20 });
+    // Durable once verified: written back while the download runs, rather than all at the end.
+    // Only the generator below starts write-backs, and it waits for the last before the stream
+    // ends and closes its descriptor.
+    let fd: number | undefined;
+    out.once("open", (opened: number) => {
+      fd = opened;
+    });
+    const behind = new WriteBehind(() => (fd === undefined ? Promise.resolve() : fdatasync(fd)));
     try {
       await pipeline(
         input,
         async function* (source: AsyncIterable<Uint8Array>) {
-          for await (const chunk of source) {
-            n += chunk.length;
-            if (expected.size !== undefined && n > expected.size) {
-              // Stop now: pipeline destroys the input, so a runaway download ends here.
-              throw new KilnError(
-                "DIGEST_MISMATCH",
-                `${what}: more than the expected ${expected.size} bytes arrived (expected ${want})`,
-                { details: { expected: want, expectedSize: expected.size, what } },
-              );
+          try {
+            for await (const chunk of source) {
+              n += chunk.length;
+              if (expected.size !== undefined && n > expected.size) {
+                // Stop now: pipeline destroys the input, so a runaway download ends here.
+                throw new KilnError(
+                  "DIGEST_MISMATCH",
+                  `${what}: more than the expected ${expected.size} bytes arrived (expected ${want})`,
+                  { details: { expected: want, expectedSize: expected.size, what } },
+                );
+              }
+              hash.update(chunk);
+              behind.wrote(chunk.length);
+              yield chunk;
             }
-            hash.update(chunk);
-            yield chunk;
+          } finally {
+            await behind.settle().catch(() => {});
           }
         },
         out,
@@ -243,6 +259,7 @@ class DirStaging implements Staging {
           details: { expected: want, actual, size: n, what },
         });
       }
+      await behind.settle();
       // Durable now, while other downloads still run, rather than all at once in commit.
       await fsyncPath(file);
     } catch (err) {

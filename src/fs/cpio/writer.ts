@@ -36,7 +36,7 @@ import { open, unlink } from "node:fs/promises";
 import { pipeline } from "node:stream/promises";
 import { createGzip } from "node:zlib";
 import { KilnError } from "../../errors.js";
-import { DataStream } from "../datastream.js";
+import { DataStream, openDirect } from "../datastream.js";
 import { type ContentSource, dataOrder, type Inode, linkCounts, type WalkItem, walk } from "../tree.js";
 import {
   encodeEntry,
@@ -287,9 +287,10 @@ export async function writeCpio(
   const p = plan(root);
 
   const fh = await open(out, "w", 0o644);
+  const direct = await openDirect(out);
   let ok = false;
   try {
-    const stream = new DataStream(fh, 0);
+    const stream = new DataStream(fh, 0, direct);
     if (compress === "gzip") {
       const gzip = new GzipSink(stream);
       await writeArchive(p, content, mtime, gzip).catch(async (err: unknown) => {
@@ -306,6 +307,7 @@ export async function writeCpio(
     ok = true;
     return { bytes: size };
   } finally {
+    await direct?.close();
     await fh.close();
     if (!ok) await unlink(out).catch(() => {});
   }

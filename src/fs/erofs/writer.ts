@@ -9,7 +9,7 @@
 import { writeSync } from "node:fs";
 import { type FileHandle, open } from "node:fs/promises";
 import { KilnError } from "../../errors.js";
-import { DataStream } from "../datastream.js";
+import { DataStream, openDirect } from "../datastream.js";
 import type { ContentSource, Inode } from "../tree.js";
 import { encodeDirBlock } from "./dirent.js";
 import { encodeInode, modeBits } from "./inode.js";
@@ -134,8 +134,9 @@ async function writeContents(
   layout: Layout,
   content: ContentSource,
   slots: SlotBuffer,
+  direct: FileHandle | undefined,
 ): Promise<void> {
-  const stream = new DataStream(fh, BLOCK_SIZE);
+  const stream = new DataStream(fh, BLOCK_SIZE, direct);
   const metaBase = layout.metaBlkaddr * BLOCK_SIZE;
   const meta = new DataStream(fh, metaBase + layout.filesOffset);
   let index = 0;
@@ -186,6 +187,7 @@ export async function writeErofs(
   const layout = planLayout(root, { buildTime: opts.buildTime, inlineData: opts.inlineData });
   const bytes = layout.totalBlocks * BLOCK_SIZE;
   const fh = await open(out, "w");
+  const direct = await openDirect(out);
   try {
     await writeAt(
       fh,
@@ -204,9 +206,10 @@ export async function writeErofs(
     const slots = new SlotBuffer();
     await writeMeta(fh, layout, slots);
     await writeDirAndLinkBlocks(fh, layout);
-    await writeContents(fh, layout, content, slots);
+    await writeContents(fh, layout, content, slots, direct);
     await fh.truncate(bytes);
   } finally {
+    await direct?.close();
     await fh.close();
   }
   return { bytes };

@@ -7,7 +7,7 @@
 
 import { type FileHandle, open } from "node:fs/promises";
 import { KilnError } from "../../errors.js";
-import { DataStream, isZeroRange } from "../datastream.js";
+import { DataStream, isZeroRange, openDirect } from "../datastream.js";
 import {
   type ContentSource,
   type Inode,
@@ -460,9 +460,14 @@ class BlockSink {
  * Streams each file's bytes to its blocks. Files' blocks were allocated back to back in dataOrder,
  * so the data area is written as one sequential stream; holes of sparse files must read as zeros.
  */
-async function writeData(p: Plan, content: ContentSource, fh: FileHandle): Promise<void> {
+async function writeData(
+  p: Plan,
+  content: ContentSource,
+  fh: FileHandle,
+  direct: FileHandle | undefined,
+): Promise<void> {
   const first = p.files[0] ? p.byInode.get(p.files[0])!.start : 0;
-  const stream = new DataStream(fh, first * BLOCK_SIZE);
+  const stream = new DataStream(fh, first * BLOCK_SIZE, direct);
   // Transient: every chunk is copied (into the data stream or a block) before the next is asked for.
   for await (const { inode, data } of content.contents(p.files, { transient: true })) {
     const node = p.byInode.get(inode);
@@ -710,11 +715,13 @@ export async function writeExt4(
   const p = plan(withLostFound, opts);
   const bytes = opts.size ?? p.geometry.blocks * BLOCK_SIZE;
   const fh = await open(out, "w");
+  const direct = await openDirect(out);
   try {
     await fh.truncate(bytes);
-    await writeData(p, content, fh);
+    await writeData(p, content, fh, direct);
     await writeMetadata(p, opts, new BlockSink(fh));
   } finally {
+    await direct?.close();
     await fh.close();
   }
   return { bytes, blocks: p.geometry.blocks, inodes: p.geometry.inodes };
