@@ -57,6 +57,8 @@ export async function openDirect(path: string): Promise<FileHandle | undefined> 
 interface Sink {
   fh: FileHandle;
   direct: FileHandle | undefined;
+  /** Bytes written through the page cache (only those need writing back). */
+  buffered: number;
 }
 
 async function writeAll(fh: FileHandle, buf: Buffer, from: number, to: number, position: number) {
@@ -84,6 +86,7 @@ async function writeFully(sink: Sink, buf: Buffer, from: number, to: number, pos
     }
   }
   await writeAll(sink.fh, buf, from, to, position);
+  sink.buffered += to - from;
 }
 
 /** Writes buf[0..len) at `position`, skipping all-zero blocks (they stay holes of the file). */
@@ -93,7 +96,7 @@ export async function writeSparse(
   len: number,
   position: number,
 ): Promise<void> {
-  const sink = "direct" in fh ? fh : { fh, direct: undefined };
+  const sink = "direct" in fh ? fh : { fh, direct: undefined, buffered: 0 };
   let run = -1;
   for (let i = 0; i < len; i += BLOCK) {
     const end = Math.min(i + BLOCK, len);
@@ -121,7 +124,7 @@ export class DataStream {
   /** `direct`: the same file opened by openDirect, for the aligned runs (the caller closes it). */
   constructor(fh: FileHandle, start: number, direct?: FileHandle | undefined) {
     this.#start = start;
-    this.#sink = { fh, direct };
+    this.#sink = { fh, direct, buffered: 0 };
     this.#behind = new WriteBehind(() => fh.datasync());
   }
 
@@ -169,7 +172,10 @@ export class DataStream {
     const [buf, len, pos] = [this.#stage, this.#fill, this.#start];
     // A handler now, so a failed write never surfaces as an unhandled rejection.
     this.#pending = writeSparse(this.#sink, buf, len, pos).then(
-      () => this.#behind.wrote(len),
+      () => {
+        this.#behind.wrote(this.#sink.buffered);
+        this.#sink.buffered = 0;
+      },
       (err: unknown) => {
         this.#error = err;
       },
