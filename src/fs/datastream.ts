@@ -13,6 +13,7 @@
 import { constants } from "node:fs";
 import { type FileHandle, open } from "node:fs/promises";
 import { KilnError } from "../errors.js";
+import { pageAligned } from "../read-buffer.js";
 import { WriteBehind } from "../write-behind.js";
 
 /** Both ext4 and EROFS images here use 4 KiB blocks. */
@@ -21,27 +22,12 @@ const CHUNK = 1 << 20;
 const ZERO = Buffer.alloc(CHUNK);
 /** Position, length and memory alignment asked of O_DIRECT writes (any device's logical block). */
 const DIRECT_ALIGN = 4096;
-const WASM_PAGE = 65536;
-
-// The one WebAssembly API used here (TypeScript's node lib does not declare the global).
-declare const WebAssembly: {
-  Memory: new (descriptor: { initial: number; maximum: number }) => { buffer: ArrayBuffer };
-};
 
 /** buf[start, end) is all zeros (compared in place: no slices allocated). */
 export function isZeroRange(buf: Buffer, start: number, end: number): boolean {
   // Most blocks of file data start with a non-zero byte: they are told apart without a native call.
   if (start < end && buf[start] !== 0) return false;
   return ZERO.compare(buf, start, end, 0, end - start) === 0;
-}
-
-/**
- * `size` zeroed bytes at a page-aligned address, as O_DIRECT needs. A WebAssembly memory is mapped
- * by pages; Node's own large buffers start 16 bytes into one (malloc's header).
- */
-function pageAligned(size: number): Buffer {
-  const pages = Math.ceil(size / WASM_PAGE);
-  return Buffer.from(new WebAssembly.Memory({ initial: pages, maximum: pages }).buffer, 0, size);
 }
 
 /**
@@ -54,7 +40,7 @@ export async function openDirect(path: string): Promise<FileHandle | undefined> 
 }
 
 /** Where a stream's bytes go: `direct` takes aligned runs until it refuses one. */
-interface Sink {
+export interface Sink {
   fh: FileHandle;
   direct: FileHandle | undefined;
   /** Bytes written through the page cache (only those need writing back). */
@@ -111,8 +97,10 @@ export async function writeSparse(
 }
 
 export class DataStream {
-  #stage = pageAligned(CHUNK);
-  #spare = pageAligned(CHUNK);
+  // One mapping for both (each memory reserves address space of its own).
+  #memory = pageAligned(2 * CHUNK);
+  #stage = this.#memory.subarray(0, CHUNK);
+  #spare = this.#memory.subarray(CHUNK);
   readonly #sink: Sink;
   #fill = 0;
   #start: number;
