@@ -39,7 +39,10 @@ export async function openDirect(path: string): Promise<FileHandle | undefined> 
   return open(path, constants.O_WRONLY | constants.O_DIRECT).catch(() => undefined);
 }
 
-/** Where a stream's bytes go: `direct` takes aligned runs until it refuses one. */
+/**
+ * Where a stream's bytes go: `direct` takes the runs that are aligned in the file and in a
+ * pageAligned buffer, until it refuses one.
+ */
 export interface Sink {
   fh: FileHandle;
   direct: FileHandle | undefined;
@@ -76,13 +79,7 @@ async function writeFully(sink: Sink, buf: Buffer, from: number, to: number, pos
 }
 
 /** Writes buf[0..len) at `position`, skipping all-zero blocks (they stay holes of the file). */
-export async function writeSparse(
-  fh: FileHandle | Sink,
-  buf: Buffer,
-  len: number,
-  position: number,
-): Promise<void> {
-  const sink = "direct" in fh ? fh : { fh, direct: undefined, buffered: 0 };
+export async function writeSparse(sink: Sink, buf: Buffer, len: number, position: number): Promise<void> {
   let run = -1;
   for (let i = 0; i < len; i += BLOCK) {
     const end = Math.min(i + BLOCK, len);
@@ -97,10 +94,8 @@ export async function writeSparse(
 }
 
 export class DataStream {
-  // One mapping for both (each memory reserves address space of its own).
-  #memory = pageAligned(2 * CHUNK);
-  #stage = this.#memory.subarray(0, CHUNK);
-  #spare = this.#memory.subarray(CHUNK);
+  #stage: Buffer;
+  #spare: Buffer;
   readonly #sink: Sink;
   #fill = 0;
   #start: number;
@@ -111,6 +106,10 @@ export class DataStream {
 
   /** `direct`: the same file opened by openDirect, for the aligned runs (the caller closes it). */
   constructor(fh: FileHandle, start: number, direct?: FileHandle | undefined) {
+    // One mapping for both buffers (each memory reserves address space of its own).
+    const memory = pageAligned(2 * CHUNK);
+    this.#stage = memory.subarray(0, CHUNK);
+    this.#spare = memory.subarray(CHUNK);
     this.#start = start;
     this.#sink = { fh, direct, buffered: 0 };
     this.#behind = new WriteBehind(() => fh.datasync());
