@@ -9,7 +9,7 @@
 import { createHash, randomBytes } from "node:crypto";
 import { constants } from "node:fs";
 import { copyFile, mkdir, open, readdir, readFile, rename, rm, stat } from "node:fs/promises";
-import { totalmem } from "node:os";
+import { freemem } from "node:os";
 import { dirname, join, relative } from "node:path";
 import { KilnError } from "../errors.js";
 import { writeCpio } from "../fs/cpio/writer.js";
@@ -148,12 +148,15 @@ class Reporter {
 }
 
 /**
- * Decompressed bytes pass 1 may keep in temp files for pass 2 (src/layers/files.ts): a twentieth
- * of the memory, at most 2 GiB, so they stay in the page cache (below the kernel's threshold for
- * background writeback) and are gone before they would reach the disk.
+ * Decompressed bytes pass 1 may keep in temp files for pass 2 (src/layers/files.ts): a tenth of the
+ * memory available now, at most 4 GiB. The kernel starts writing dirty pages back at a tenth of the
+ * memory it could use for them (vm.dirty_background_ratio), so the spools stay in the page cache and
+ * are gone before they reach the disk; the images and blobs beside them add few dirty pages (O_DIRECT,
+ * written back as they come). A layer beyond the budget is decompressed a second time in pass 2,
+ * which on a 1.5 GB image costs more than a second.
  */
 function spoolBudget(): number {
-  return Math.min(totalmem() / 20, 2 * 1024 ** 3);
+  return Math.min(freemem() / 10, 4 * 1024 ** 3);
 }
 
 /** A fresh temp path in the store, named for what it is (GC removes stale ones by age). */

@@ -152,6 +152,12 @@ export class DataStream {
     await this.#behind.settle();
   }
 
+  /** Waits for the writes in flight, whatever they come to (a stream given up on an error). */
+  async settle(): Promise<void> {
+    await this.#pending;
+    await this.#behind.settle().catch(() => {});
+  }
+
   async #flush(): Promise<void> {
     await this.#pending;
     if (this.#error) throw this.#error;

@@ -1,15 +1,16 @@
 /**
  * Writes a tree as an uncompressed EROFS image (4 KiB blocks). The layout is computed first
  * (layout.ts); then the superblock, the slots of inodes without file data and directory/symlink
- * blocks are written, and finally file contents stream in dataOrder as two sequential streams:
- * each file's full blocks to the data area, and its slot (inode, xattrs, tail) to the files' part
- * of the metadata area, laid out in that same order. All-zero blocks are skipped: the output is
+ * blocks are written, and finally file contents stream in dataOrder as two sequential streams
+ * per layer: each file's full blocks to the data area, and its slot (inode, xattrs, tail) to the
+ * files' part of the metadata area, laid out in that same order. All-zero blocks are skipped: the output is
  * sparse. Nothing depends on the clock: UUID and times come from the caller and the tree.
  */
 import { writeSync } from "node:fs";
 import { type FileHandle, open } from "node:fs/promises";
 import { KilnError } from "../../errors.js";
 import { DataStream, openDirect } from "../datastream.js";
+import { layerRuns, writeRuns } from "../layer-runs.js";
 import type { ContentSource, Inode } from "../tree.js";
 import { encodeDirBlock } from "./dirent.js";
 import { encodeInode, modeBits } from "./inode.js";
@@ -128,7 +129,11 @@ async function writeDirAndLinkBlocks(fh: FileHandle, layout: Layout): Promise<vo
   }
 }
 
-/** Streams file contents: full blocks to the data area, the slot and its tail to the metadata area. */
+/**
+ * Streams file contents: full blocks to the data area, the slot and its tail to the metadata area.
+ * Both areas hold files in dataOrder, so each layer's files are a run in each (written at once:
+ * layer-runs.ts).
+ */
 async function writeContents(
   fh: FileHandle,
   layout: Layout,
@@ -136,40 +141,57 @@ async function writeContents(
   slots: SlotBuffer,
   direct: FileHandle | undefined,
 ): Promise<void> {
-  const stream = new DataStream(fh, BLOCK_SIZE, direct);
   const metaBase = layout.metaBlkaddr * BLOCK_SIZE;
-  const meta = new DataStream(fh, metaBase + layout.filesOffset);
-  let index = 0;
-  // Transient: every chunk is copied (into the data stream or the tail) before the next is asked for.
-  for await (const { inode, data } of content.contents(layout.files, { transient: true })) {
-    const node = layout.byInode.get(inode);
-    if (inode !== layout.files[index] || !node)
-      throw new KilnError("INTERNAL", "content source delivered files out of dataOrder");
-    index++;
-    const size = node.size;
-    const inBlocks = node.tail > 0 ? node.blocks * BLOCK_SIZE : size;
-    // The slot goes first; the tail, the file's last bytes, follows it in the same stream.
-    await meta.seek(metaBase + node.offset);
-    await meta.put(encodeSlot(node, slots));
-    if (inBlocks > 0) await stream.seek(node.u * BLOCK_SIZE);
-    let pos = 0;
-    for await (const chunk of data) {
-      if (pos + chunk.length > size)
-        throw new KilnError("INVALID_ARCHIVE", `content of /${node.path} is longer than its ${size} bytes`);
-      const split = Math.max(0, Math.min(chunk.length, inBlocks - pos));
-      if (split > 0) await stream.put(chunk, 0, split);
-      if (split < chunk.length) await meta.put(chunk, split);
-      pos += chunk.length;
+  await writeRuns(layerRuns(layout.files), async (files, stopped) => {
+    const nodeOf = (inode: Inode) => layout.byInode.get(inode)!;
+    // Opened at the run's first file with full blocks (a run of small files may have none).
+    let stream: DataStream | undefined;
+    const meta = new DataStream(fh, metaBase + nodeOf(files[0]!).offset);
+    let index = 0;
+    try {
+      // Transient: every chunk is copied (into the data stream or the tail) before the next is asked for.
+      for await (const { inode, data } of content.contents(files, { transient: true })) {
+        if (stopped()) break;
+        const node = layout.byInode.get(inode);
+        if (inode !== files[index] || !node)
+          throw new KilnError("INTERNAL", "content source delivered files out of dataOrder");
+        index++;
+        const size = node.size;
+        const inBlocks = node.tail > 0 ? node.blocks * BLOCK_SIZE : size;
+        // The slot goes first; the tail, the file's last bytes, follows it in the same stream.
+        await meta.seek(metaBase + node.offset);
+        await meta.put(encodeSlot(node, slots));
+        if (inBlocks > 0) {
+          stream ??= new DataStream(fh, node.u * BLOCK_SIZE, direct);
+          await stream.seek(node.u * BLOCK_SIZE);
+        }
+        let pos = 0;
+        for await (const chunk of data) {
+          if (pos + chunk.length > size)
+            throw new KilnError(
+              "INVALID_ARCHIVE",
+              `content of /${node.path} is longer than its ${size} bytes`,
+            );
+          const split = Math.max(0, Math.min(chunk.length, inBlocks - pos));
+          if (split > 0) await stream!.put(chunk, 0, split);
+          if (split < chunk.length) await meta.put(chunk, split);
+          pos += chunk.length;
+        }
+        if (pos !== size)
+          throw new KilnError(
+            "INVALID_ARCHIVE",
+            `content of /${node.path} ended after ${pos} of its ${size} bytes`,
+          );
+      }
+    } catch (err) {
+      // No write may still be in flight when the file is closed.
+      await Promise.all([stream?.settle(), meta.settle()]);
+      throw err;
     }
-    if (pos !== size)
-      throw new KilnError(
-        "INVALID_ARCHIVE",
-        `content of /${node.path} ended after ${pos} of its ${size} bytes`,
-      );
-  }
-  await Promise.all([stream.end(), meta.end()]);
-  if (index !== layout.files.length)
-    throw new KilnError("INTERNAL", `content source delivered ${index} of ${layout.files.length} files`);
+    await Promise.all([stream?.end(), meta.end()]);
+    if (index !== files.length && !stopped())
+      throw new KilnError("INTERNAL", `content source delivered ${index} of ${files.length} files`);
+  });
 }
 
 /** Writes `root` as an EROFS image at `out` (created or truncated); returns the image size. */

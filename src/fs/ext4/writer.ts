@@ -8,6 +8,7 @@
 import { type FileHandle, open } from "node:fs/promises";
 import { KilnError } from "../../errors.js";
 import { DataStream, isZeroRange, openDirect } from "../datastream.js";
+import { layerRuns, writeRuns } from "../layer-runs.js";
 import {
   type ContentSource,
   type Inode,
@@ -458,7 +459,8 @@ class BlockSink {
 
 /**
  * Streams each file's bytes to its blocks. Files' blocks were allocated back to back in dataOrder,
- * so the data area is written as one sequential stream; holes of sparse files must read as zeros.
+ * so each layer's files are one sequential stream (layers written at once: layer-runs.ts); holes of
+ * sparse files must read as zeros.
  */
 async function writeData(
   p: Plan,
@@ -466,31 +468,39 @@ async function writeData(
   fh: FileHandle,
   direct: FileHandle | undefined,
 ): Promise<void> {
-  const first = p.files[0] ? p.byInode.get(p.files[0])!.start : 0;
-  const stream = new DataStream(fh, first * BLOCK_SIZE, direct);
-  // Transient: every chunk is copied (into the data stream or a block) before the next is asked for.
-  for await (const { inode, data } of content.contents(p.files, { transient: true })) {
-    const node = p.byInode.get(inode);
-    if (!node) fail("INTERNAL", "content source yielded a file that is not in the tree");
-    let received = 0;
-    const check = (chunk: Buffer) => {
-      received += chunk.length;
-      if (received > inode.size)
-        fail("INTERNAL", `${pathOf(p.root, inode)}: content longer than its size ${inode.size}`);
-    };
-    if (inode.data?.sparse) {
-      await writeSparseFile(node, data, stream, check, () => pathOf(p.root, inode));
-    } else {
-      await stream.seek(node.start * BLOCK_SIZE);
-      for await (const chunk of data) {
-        check(chunk);
-        await stream.put(chunk);
+  await writeRuns(layerRuns(p.files), async (files, stopped) => {
+    const stream = new DataStream(fh, p.byInode.get(files[0]!)!.start * BLOCK_SIZE, direct);
+    try {
+      // Transient: every chunk is copied (into the data stream or a block) before the next is asked for.
+      for await (const { inode, data } of content.contents(files, { transient: true })) {
+        if (stopped()) break;
+        const node = p.byInode.get(inode);
+        if (!node) fail("INTERNAL", "content source yielded a file that is not in the tree");
+        let received = 0;
+        const check = (chunk: Buffer) => {
+          received += chunk.length;
+          if (received > inode.size)
+            fail("INTERNAL", `${pathOf(p.root, inode)}: content longer than its size ${inode.size}`);
+        };
+        if (inode.data?.sparse) {
+          await writeSparseFile(node, data, stream, check, () => pathOf(p.root, inode));
+        } else {
+          await stream.seek(node.start * BLOCK_SIZE);
+          for await (const chunk of data) {
+            check(chunk);
+            await stream.put(chunk);
+          }
+        }
+        if (received !== inode.size)
+          fail("INTERNAL", `${pathOf(p.root, inode)}: content has ${received} bytes, size is ${inode.size}`);
       }
+    } catch (err) {
+      // No write may still be in flight when the file is closed.
+      await stream.settle();
+      throw err;
     }
-    if (received !== inode.size)
-      fail("INTERNAL", `${pathOf(p.root, inode)}: content has ${received} bytes, size is ${inode.size}`);
-  }
-  await stream.end();
+    await stream.end();
+  });
 }
 
 /** A sparse file, block by block: mapped blocks go to the stream, holes must be zeros. */
