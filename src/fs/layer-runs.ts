@@ -3,7 +3,7 @@
  * reading a byte, and files of one layer sit back to back in dataOrder, so each layer's run of files
  * fills a region of the image of its own: one layer can be decompressed on one core while another
  * is read and written on the other, where a single stream would take them one after the other. The
- * image does not depend on it: every byte goes where the plan put it.
+ * image does not depend on the order: every byte goes where the plan put it.
  */
 import { availableParallelism } from "node:os";
 import type { Inode } from "./tree.js";

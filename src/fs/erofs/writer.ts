@@ -100,8 +100,9 @@ function encodeSlot(node: Node, slots: SlotBuffer): Buffer {
 const modeOf = (inode: Inode): number => modeBits(inode.type, inode.mode);
 
 /** The slots of inodes without file data, the first part of the metadata area, in order. */
-async function writeMeta(fh: FileHandle, layout: Layout, slots: SlotBuffer): Promise<void> {
+async function writeMeta(fh: FileHandle, layout: Layout): Promise<void> {
   const base = layout.metaBlkaddr * BLOCK_SIZE;
+  const slots = new SlotBuffer();
   const stream = new DataStream(fh, base);
   for (const node of layout.nodes) {
     if (node.inode.type === "file" && node.inode.data) continue; // with the file's bytes
@@ -138,12 +139,13 @@ async function writeContents(
   fh: FileHandle,
   layout: Layout,
   content: ContentSource,
-  slots: SlotBuffer,
   direct: FileHandle | undefined,
 ): Promise<void> {
   const metaBase = layout.metaBlkaddr * BLOCK_SIZE;
   await writeRuns(layerRuns(layout.files), async (files, stopped) => {
     const nodeOf = (inode: Inode) => layout.byInode.get(inode)!;
+    // A run's own: a slot may still be being copied while another run encodes one.
+    const slots = new SlotBuffer();
     // Opened at the run's first file with full blocks (a run of small files may have none).
     let stream: DataStream | undefined;
     const meta = new DataStream(fh, metaBase + nodeOf(files[0]!).offset);
@@ -225,10 +227,9 @@ export async function writeErofs(
       }),
       0,
     );
-    const slots = new SlotBuffer();
-    await writeMeta(fh, layout, slots);
+    await writeMeta(fh, layout);
     await writeDirAndLinkBlocks(fh, layout);
-    await writeContents(fh, layout, content, slots, direct);
+    await writeContents(fh, layout, content, direct);
     await fh.truncate(bytes);
   } finally {
     await direct?.close();
