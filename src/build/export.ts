@@ -629,20 +629,20 @@ async function writeSparseCopy(
     try {
       const size = (await input.stat()).size;
       const memory = pageAligned(2 * CHUNK);
-      const readAt = async (pos: number, into: Buffer) => {
-        const { bytesRead } = await input.read(into, 0, Math.min(CHUNK, size - pos), pos);
-        return { buf: into, n: bytesRead };
+      const readAt = async (pos: number, buf: Buffer) => {
+        const { bytesRead } = await input.read(buf, 0, Math.min(CHUNK, size - pos), pos);
+        return bytesRead;
       };
       let [buf, spare] = [memory.subarray(0, CHUNK), memory.subarray(CHUNK)];
       let pos = 0;
       let next = size > 0 ? readAt(0, buf) : undefined;
       while (next) {
-        const { buf: bytes, n } = await next;
+        const n = await next;
         if (n === 0) break;
         next = pos + n < size ? readAt(pos + n, spare) : undefined;
         // A read into the spare buffer is under way: it must not fail unobserved if a write fails.
         next?.catch(() => {});
-        await writeSparse(sink, bytes, n, pos);
+        await writeSparse(sink, buf, n, pos);
         onBytes?.(n);
         pos += n;
         [buf, spare] = [spare, buf];

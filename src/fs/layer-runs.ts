@@ -25,7 +25,7 @@ export function layerRuns(files: readonly Inode[]): Inode[][] {
  * Runs at once: one per core (at least two, so reading one layer's file overlaps another's
  * decompression even on one core), at most four (each holds a few MiB of buffers).
  */
-export function runsAtOnce(): number {
+function runsAtOnce(): number {
   return Math.min(4, Math.max(2, availableParallelism()));
 }
 

@@ -7,6 +7,7 @@ import { after, before, describe, it } from "node:test";
 import { isKilnError } from "../../src/errors.js";
 import { createEmptyExt4, writeExt4 } from "../../src/fs/ext4/writer.js";
 import { type ContentSource, type Inode, MemoryContent, newInode, walk } from "../../src/fs/tree.js";
+import { pseudoRandomBytes as bytes } from "../helpers/bytes.js";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
 import { diffTrees, type EntryFacts, snapshotTree } from "../helpers/treecompare.js";
 
@@ -14,19 +15,6 @@ const UUID = Buffer.from("6b696c6e2d657874342d746573742d31", "hex");
 const SEED = Buffer.from("0f1e2d3c4b5a69788796a5b4c3d2e1f0", "hex");
 const T0 = 1_700_000_000;
 const GiB = 2 ** 30;
-
-/** Pseudo-random bytes, the same on every run. */
-function bytes(n: number, salt: number): Buffer {
-  const out = Buffer.alloc(n);
-  let x = (salt * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    out[i] = x & 0xff;
-  }
-  return out;
-}
 
 /** A POSIX ACL in the xattr format getfattr shows (version 2; short entries carry id -1). */
 function acl(entries: [tag: number, perm: number, id?: number][]): Buffer {

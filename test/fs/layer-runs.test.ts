@@ -6,6 +6,7 @@ import { writeErofs } from "../../src/fs/erofs/writer.js";
 import { writeExt4 } from "../../src/fs/ext4/writer.js";
 import { layerRuns, writeRuns } from "../../src/fs/layer-runs.js";
 import { type ContentSource, dataOrder, type Inode, newInode } from "../../src/fs/tree.js";
+import { pseudoRandomBytes } from "../helpers/bytes.js";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
 
 /** A promise with its resolver, to hold a run at a point of the test's choosing. */
@@ -84,18 +85,9 @@ describe("writeRuns", () => {
   });
 });
 
-/**
- * Pseudo-random bytes with an all-zero stretch in the middle (left a hole), the same on every run.
- */
+/** Pseudo-random bytes with an all-zero stretch in the middle (left a hole), the same on every run. */
 function bytes(n: number, salt: number): Buffer {
-  const out = Buffer.alloc(n);
-  let x = (salt * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    out[i] = x & 0xff;
-  }
+  const out = pseudoRandomBytes(n, salt);
   if (n > 3 << 20) out.fill(0, 1 << 20, 3 << 20);
   return out;
 }

@@ -1,9 +1,9 @@
 /**
  * Writes a tree as an uncompressed EROFS image (4 KiB blocks). The layout is computed first
  * (layout.ts); then the superblock, the slots of inodes without file data and directory/symlink
- * blocks are written, and finally file contents stream in dataOrder as two sequential streams
- * per layer: each file's full blocks to the data area, and its slot (inode, xattrs, tail) to the
- * files' part of the metadata area, laid out in that same order. All-zero blocks are skipped: the output is
+ * blocks are written, and finally file contents stream in dataOrder as two sequential streams per
+ * layer: each file's full blocks to the data area, and its slot (inode, xattrs, tail) to the files'
+ * part of the metadata area, laid out in that same order. All-zero blocks are skipped: the output is
  * sparse. Nothing depends on the clock: UUID and times come from the caller and the tree.
  */
 import { writeSync } from "node:fs";
@@ -143,12 +143,11 @@ async function writeContents(
 ): Promise<void> {
   const metaBase = layout.metaBlkaddr * BLOCK_SIZE;
   await writeRuns(layerRuns(layout.files), async (files, stopped) => {
-    const nodeOf = (inode: Inode) => layout.byInode.get(inode)!;
     // A run's own: a slot may still be being copied while another run encodes one.
     const slots = new SlotBuffer();
     // Opened at the run's first file with full blocks (a run of small files may have none).
     let stream: DataStream | undefined;
-    const meta = new DataStream(fh, metaBase + nodeOf(files[0]!).offset);
+    const meta = new DataStream(fh, metaBase + layout.byInode.get(files[0]!)!.offset);
     let index = 0;
     try {
       // Transient: every chunk is copied (into the data stream or the tail) before the next is asked for.
