@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { randomBytes } from "node:crypto";
-import { mkdir, mkdtemp, open, readFile, rm, stat } from "node:fs/promises";
+import { type FileHandle, mkdir, mkdtemp, open, readFile, rm, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, test } from "node:test";
 import { promisify } from "node:util";
@@ -117,4 +117,112 @@ test("write-behind starts one write-back per `every` bytes, never two at once, a
   failing.wrote(10);
   await assert.rejects(failing.settle(), /EIO/);
   assert.equal((failing.error as NodeJS.ErrnoException).code, "EIO");
+});
+
+/**
+ * A file handle whose writes wait until the test releases them (then go to `real`), counting the
+ * writes in flight; only the calls a data stream makes are there. A release resolves once the real
+ * write is done; a release with an error fails that write instead.
+ */
+function gatedHandle(real: FileHandle) {
+  const held: ((fail?: Error) => Promise<void>)[] = [];
+  const state = { inFlight: 0, most: 0 };
+  const write = async (buf: Buffer, offset: number, length: number, position: number) => {
+    state.inFlight++;
+    state.most = Math.max(state.most, state.inFlight);
+    let finished = () => {};
+    const landed = new Promise<void>((resolve) => {
+      finished = resolve;
+    });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        held.push((fail) => {
+          if (fail) reject(fail);
+          else resolve();
+          return landed;
+        });
+      });
+      return await real.write(buf, offset, length, position);
+    } finally {
+      state.inFlight--;
+      finished();
+    }
+  };
+  const fh = { write, datasync: () => real.datasync() } as unknown as FileHandle;
+  return { fh, held, state };
+}
+
+/** Lets every callback already due run (nothing here waits on anything outside the process). */
+const turn = () => new Promise<void>((resolve) => setImmediate(resolve));
+
+test("a data stream keeps three 1 MiB writes in flight while the fourth buffer fills, never more", async () => {
+  const path = join(dir, "depth.img");
+  const real = await open(path, "w");
+  try {
+    await real.truncate(8 * MiB);
+    const gated = gatedHandle(real);
+    const stream = new DataStream(gated.fh, 0);
+    const data = randomBytes(6 * MiB + 5);
+    let putDone = false;
+    const putting = stream.put(data).then(() => {
+      putDone = true;
+    });
+    await turn();
+    // Three buffers went out as they filled; the fourth filled and waits for one of them.
+    assert.equal(gated.held.length, 3);
+    assert.equal(gated.state.inFlight, 3);
+    assert.equal(putDone, false);
+    await gated.held[1]!(); // not the oldest: any write done frees its buffer
+    await turn();
+    assert.equal(gated.held.length, 4);
+    assert.equal(gated.state.inFlight, 3);
+    assert.equal(putDone, false);
+    for (let i = 0; !putDone; i++) {
+      if (i < gated.held.length) await gated.held[i]!();
+      await turn();
+    }
+    await putting;
+    const ending = stream.end();
+    for (let i = 0; gated.held.length > i || gated.state.inFlight > 0; i++) {
+      if (i < gated.held.length) await gated.held[i]!();
+      await turn();
+    }
+    await ending;
+    assert.equal(gated.state.most, 3);
+    assert.ok((await readFile(path)).subarray(0, data.length).equals(data), "bytes differ");
+  } finally {
+    await real.close();
+  }
+});
+
+test("a data stream's failed write is thrown by end(), once every other write has landed", async () => {
+  const path = join(dir, "failing.img");
+  const real = await open(path, "w");
+  try {
+    await real.truncate(4 * MiB);
+    const gated = gatedHandle(real);
+    const stream = new DataStream(gated.fh, 0);
+    await stream.put(randomBytes(3 * MiB));
+    await turn();
+    assert.equal(gated.held.length, 3);
+    await gated.held[0]!(Object.assign(new Error("EIO: injected"), { code: "EIO" }));
+    let ended: unknown;
+    const ending = stream.end().then(
+      () => {
+        ended = "resolved";
+      },
+      (err: unknown) => {
+        ended = err;
+      },
+    );
+    await turn();
+    assert.equal(ended, undefined, "end() returned while writes were in flight");
+    await gated.held[1]!();
+    await gated.held[2]!();
+    await ending;
+    assert.equal((ended as NodeJS.ErrnoException).code, "EIO");
+    assert.equal(gated.state.inFlight, 0);
+  } finally {
+    await real.close();
+  }
 });

@@ -4,7 +4,7 @@ import { createHash } from "node:crypto";
 import { mkdir, open, readFile, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
-import { isKilnError } from "../../src/errors.js";
+import { isKilnError, KilnError } from "../../src/errors.js";
 import { createEmptyExt4, writeExt4 } from "../../src/fs/ext4/writer.js";
 import { type ContentSource, type Inode, MemoryContent, newInode, walk } from "../../src/fs/tree.js";
 import { pseudoRandomBytes as bytes } from "../helpers/bytes.js";
@@ -634,5 +634,47 @@ describe("ext4 journal", () => {
     assertClean(out);
     assert.equal(await debugfs(out, "cat /new"), "journaled\n");
     assert.match(await debugfs(out, "logdump"), /Journal starts at block \d+, transaction \d+/);
+  });
+});
+
+describe("ext4 content failures", () => {
+  let dir: string;
+  before(async () => {
+    dir = await makeTempDir("ext4-fail");
+  });
+  after(async () => {
+    await removeDir(dir);
+  });
+
+  it("a content source that fails mid-file fails the write with its own error, metadata written beside or not", async () => {
+    // Thousands of directories: their metadata is being encoded while the file data is written.
+    const root = newInode("directory");
+    const files: Inode[] = [];
+    for (let i = 0; i < 4000; i++) {
+      const d = newInode("directory");
+      const f = newInode("file", { size: 8192, data: { layer: 0, offset: i, stored: 8192 } });
+      d.entries!.set("f", f);
+      root.entries!.set(`d${i}`, d);
+      files.push(f);
+    }
+    const broken = files[files.length >> 1]!;
+    const content: ContentSource = {
+      async *contents(wanted) {
+        for (const inode of wanted) {
+          yield {
+            inode,
+            data: (async function* () {
+              yield bytes(4096, 1);
+              if (inode === broken) throw new KilnError("INVALID_ARCHIVE", "layer 1 is corrupt");
+              yield bytes(4096, 2);
+            })(),
+          };
+        }
+      },
+    };
+    await assert.rejects(
+      writeExt4(root, content, join(dir, "broken.ext4"), { uuid: UUID, hashSeed: SEED }),
+      (err: unknown) => isKilnError(err, "INVALID_ARCHIVE") && /layer 1 is corrupt/.test(err.message),
+    );
   });
 });

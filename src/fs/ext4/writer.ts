@@ -2,13 +2,15 @@
  * ext4 writer. Everything is planned from the tree before any file byte is read: inode numbers,
  * directory blocks, extent trees, attribute blocks, then the geometry and one position for each.
  * File data is then streamed in dataOrder to its blocks (zero blocks stay holes of the output
- * file), and the metadata is written last. Allocation is a prefix of the block and inode spaces.
+ * file), and the metadata is encoded and written meanwhile, on the main thread while the file data
+ * waits on the disk. Allocation is a prefix of the block and inode spaces.
  */
 
 import { type FileHandle, open } from "node:fs/promises";
 import { KilnError } from "../../errors.js";
 import { DataStream, isZeroRange, openDirect } from "../datastream.js";
 import { layerRuns, writeRuns } from "../layer-runs.js";
+import { TimeSlices } from "../time-slices.js";
 import {
   type ContentSource,
   type Inode,
@@ -608,7 +610,17 @@ function journalInodeBytes(p: Plan, j: JournalPlan, time: number): Buffer {
   return buf;
 }
 
-async function writeMetadata(p: Plan, opts: Ext4Options, sink: BlockSink): Promise<void> {
+/**
+ * Encodes and writes every metadata block, in turns (`slices`) so the file data written beside it
+ * keeps moving; stops early (without an error of its own) once `stopped()`.
+ */
+async function writeMetadata(
+  p: Plan,
+  opts: Ext4Options,
+  sink: BlockSink,
+  stopped: () => boolean,
+  slices = new TimeSlices(),
+): Promise<void> {
   const g = p.geometry;
   const j = p.journal;
   if (j) {
@@ -641,6 +653,10 @@ async function writeMetadata(p: Plan, opts: Ext4Options, sink: BlockSink): Promi
       for (let i = 0; i < tree.blocks.length; i++) sink.put(node.treeStart + i, tree.blocks[i]!);
     }
     await sink.drainIfLarge();
+    if (slices.due()) {
+      await slices.yield();
+      if (stopped()) return;
+    }
   }
   for (const x of [...p.xattrBlocks.values()].sort((a, b) => a.block - b.block)) {
     sink.put(x.block, buildXattrBlock(x.entries, x.refcount, x.block, p.fsSeed));
@@ -665,6 +681,10 @@ async function writeMetadata(p: Plan, opts: Ext4Options, sink: BlockSink): Promi
       // In place: a buffer per inode would be 100k+ small allocations for a big image.
       encodeNode(p, node, table.subarray(i * INODE_SIZE, (i + 1) * INODE_SIZE));
       if (node.inode.type === "directory") dirsPerGroup[grp]!++;
+      if (slices.due()) {
+        await slices.yield();
+        if (stopped()) return;
+      }
     }
     sink.put(g.inodeTableStart + grp * g.inodeTableBlocks, table);
     await sink.drain();
@@ -728,8 +748,17 @@ export async function writeExt4(
   const direct = await openDirect(out);
   try {
     await fh.truncate(bytes);
-    await writeData(p, content, fh, direct);
-    await writeMetadata(p, opts, new BlockSink(fh));
+    // Both to the end before the handles close; an error of the file data comes first (it names a file).
+    let dataFailed = false;
+    const [data, meta] = await Promise.allSettled([
+      writeData(p, content, fh, direct).catch((err: unknown) => {
+        dataFailed = true;
+        throw err;
+      }),
+      writeMetadata(p, opts, new BlockSink(fh), () => dataFailed),
+    ]);
+    if (data.status === "rejected") throw data.reason;
+    if (meta.status === "rejected") throw meta.reason;
   } finally {
     await direct?.close();
     await fh.close();

@@ -1,0 +1,23 @@
+/**
+ * Long synchronous work beside streams (a writer's metadata beside its file data): the work checks
+ * `due()` between steps and, when it is, awaits `yield()`, which lets the event loop run what is
+ * waiting (reads and writes completing, the next chunk of a data stream) before going on. Without
+ * turns, the streams would stall until the work is done and the disk would sit idle meanwhile.
+ */
+export class TimeSlices {
+  #since = performance.now();
+
+  /** `ms`: how long the work runs between turns. */
+  constructor(private readonly ms = 1) {}
+
+  /** The slice is used up. */
+  due(): boolean {
+    return performance.now() - this.#since >= this.ms;
+  }
+
+  /** Gives the event loop a turn (I/O callbacks run before setImmediate's); a new slice starts. */
+  async yield(): Promise<void> {
+    await new Promise<void>((resolve) => setImmediate(resolve));
+    this.#since = performance.now();
+  }
+}
