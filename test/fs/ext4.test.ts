@@ -646,6 +646,17 @@ describe("ext4 content failures", () => {
     await removeDir(dir);
   });
 
+  it("refuses a file with more hard links than ext4 counts (65000), naming it", async () => {
+    const root = newInode("directory");
+    const f = newInode("file", { size: 0 });
+    for (let i = 0; i <= 65000; i++) root.entries!.set(`l${i}`, f);
+    await assert.rejects(
+      writeExt4(root, new MemoryContent(), join(dir, "links.ext4"), { uuid: UUID, hashSeed: SEED }),
+      (err: unknown) =>
+        isKilnError(err, "UNSUPPORTED_ARCHIVE") && /\/l\d+: more than 65000 hard links/.test(err.message),
+    );
+  });
+
   it("a content source that fails mid-file fails the write with its own error, metadata written beside or not", async () => {
     // Thousands of directories: their metadata is being encoded while the file data is written.
     const root = newInode("directory");

@@ -4,6 +4,7 @@
  * Trees are packed full so e2fsck finds nothing to narrow or shorten.
  */
 
+import { le16, le32 } from "../le.js";
 import { crc32c } from "./crc32c.js";
 import { BLOCK_SIZE } from "./layout.js";
 
@@ -53,16 +54,23 @@ export function treeBlocks(extents: number): number {
 }
 
 function header(buf: Buffer, off: number, entries: number, max: number, depth: number): void {
-  buf.writeUInt16LE(MAGIC, off);
-  buf.writeUInt16LE(entries, off + 2);
-  buf.writeUInt16LE(max, off + 4);
-  buf.writeUInt16LE(depth, off + 6);
-  buf.writeUInt32LE(0, off + 8);
+  le16(buf, off, MAGIC);
+  le16(buf, off + 2, entries);
+  le16(buf, off + 4, max);
+  le16(buf, off + 6, depth);
+  le32(buf, off + 8, 0);
 }
 
 function put48(buf: Buffer, hiOff: number, loOff: number, v: number): void {
-  buf.writeUInt16LE(Math.floor(v / 2 ** 32), hiOff);
-  buf.writeUInt32LE(v % 2 ** 32, loOff);
+  le16(buf, hiOff, Math.floor(v / 2 ** 32));
+  le32(buf, loOff, v % 2 ** 32);
+}
+
+/** A leaf entry: the extent itself. */
+function writeLeaf(buf: Buffer, off: number, e: Run): void {
+  le32(buf, off, e.logical);
+  le16(buf, off + 4, e.length);
+  put48(buf, off + 6, off + 8, e.physical);
 }
 
 interface Entry {
@@ -73,14 +81,10 @@ interface Entry {
 }
 
 function writeEntry(buf: Buffer, off: number, e: Entry): void {
-  buf.writeUInt32LE(e.logical, off);
-  if (e.extent) {
-    buf.writeUInt16LE(e.extent.length, off + 4);
-    put48(buf, off + 6, off + 8, e.extent.physical);
-  } else {
-    put48(buf, off + 8, off + 4, e.child!);
-    buf.writeUInt16LE(0, off + 10);
-  }
+  if (e.extent) return writeLeaf(buf, off, e.extent);
+  le32(buf, off, e.logical);
+  put48(buf, off + 8, off + 4, e.child!);
+  le16(buf, off + 10, 0);
 }
 
 export interface ExtentTree {
@@ -101,6 +105,12 @@ export function buildTree(
   inodeSeed: number,
   root: Buffer = Buffer.alloc(60),
 ): ExtentTree {
+  if (extents.length <= IN_INODE) {
+    // Nearly every inode: the extents fit in i_block, no tree blocks.
+    header(root, 0, extents.length, IN_INODE, 0);
+    for (let k = 0; k < extents.length; k++) writeLeaf(root, 12 + 12 * k, extents[k]!);
+    return { root, blocks: [] };
+  }
   let level: Entry[] = extents.map((e) => ({ logical: e.logical, extent: e }));
   const blocks: Buffer[] = [];
   let depth = 0;

@@ -4,6 +4,7 @@
  * in-inode extended attributes.
  */
 
+import { le16, le32 } from "../le.js";
 import { crc32c, crc32cU32 } from "./crc32c.js";
 import { INODE_SIZE } from "./layout.js";
 import { EXTRA_ISIZE } from "./superblock.js";
@@ -50,43 +51,43 @@ export const I_BLOCK_SIZE = 60;
  * are: the caller writes i_block in place, one inode of many in an inode table).
  */
 export function encodeInode(buf: Buffer, f: InodeFields): void {
-  buf.writeUInt16LE(f.mode & 0xffff, 0x0);
-  buf.writeUInt16LE(f.uid & 0xffff, 0x2);
-  buf.writeUInt32LE(f.size % 2 ** 32, 0x4);
+  le16(buf, 0x0, f.mode & 0xffff);
+  le16(buf, 0x2, f.uid & 0xffff);
+  le32(buf, 0x4, f.size % 2 ** 32);
   // Low 32 bits of the seconds, and the "extra" word: 2 epoch bits, then nanoseconds << 2.
   const t = ((f.time % 2 ** 32) + 2 ** 32) % 2 ** 32;
   const signedT = t >= 2 ** 31 ? t - 2 ** 32 : t;
   const epoch = ((((f.time - signedT) / 2 ** 32) % 4) + 4) % 4;
   const extra = ((f.timeNsec << 2) | epoch) >>> 0;
   // atime ctime mtime crtime, then their extra words
-  buf.writeUInt32LE(t, 0x8);
-  buf.writeUInt32LE(t, 0xc);
-  buf.writeUInt32LE(t, 0x10);
-  buf.writeUInt32LE(t, 0x90);
-  buf.writeUInt32LE(extra, 0x84);
-  buf.writeUInt32LE(extra, 0x88);
-  buf.writeUInt32LE(extra, 0x8c);
-  buf.writeUInt32LE(extra, 0x94);
-  buf.writeUInt16LE(f.gid & 0xffff, 0x18);
-  buf.writeUInt16LE(f.links, 0x1a);
-  buf.writeUInt32LE(f.sectors % 2 ** 32, 0x1c);
-  buf.writeUInt16LE(Math.floor(f.sectors / 2 ** 32), 0x74);
-  buf.writeUInt32LE(f.flags, 0x20);
-  buf.writeUInt32LE(f.xattrBlock % 2 ** 32, 0x68);
-  buf.writeUInt16LE(Math.floor(f.xattrBlock / 2 ** 32), 0x76);
-  buf.writeUInt32LE(Math.floor(f.size / 2 ** 32), 0x6c);
-  buf.writeUInt16LE(f.uid >>> 16, 0x78);
-  buf.writeUInt16LE(f.gid >>> 16, 0x7a);
-  buf.writeUInt16LE(EXTRA_ISIZE, 0x80);
+  le32(buf, 0x8, t);
+  le32(buf, 0xc, t);
+  le32(buf, 0x10, t);
+  le32(buf, 0x90, t);
+  le32(buf, 0x84, extra);
+  le32(buf, 0x88, extra);
+  le32(buf, 0x8c, extra);
+  le32(buf, 0x94, extra);
+  le16(buf, 0x18, f.gid & 0xffff);
+  le16(buf, 0x1a, f.links);
+  le32(buf, 0x1c, f.sectors % 2 ** 32);
+  le16(buf, 0x74, Math.floor(f.sectors / 2 ** 32));
+  le32(buf, 0x20, f.flags);
+  le32(buf, 0x68, f.xattrBlock % 2 ** 32);
+  le16(buf, 0x76, Math.floor(f.xattrBlock / 2 ** 32));
+  le32(buf, 0x6c, Math.floor(f.size / 2 ** 32));
+  le16(buf, 0x78, f.uid >>> 16);
+  le16(buf, 0x7a, f.gid >>> 16);
+  le16(buf, 0x80, EXTRA_ISIZE);
 }
 
 /** Sets i_checksum_lo/hi: crc32c over the whole inode with both fields as zero. */
 export function sealInode(buf: Buffer, seed: number): void {
-  buf.writeUInt16LE(0, 0x7c);
-  buf.writeUInt16LE(0, 0x82);
+  le16(buf, 0x7c, 0);
+  le16(buf, 0x82, 0);
   const c = crc32c(seed, buf, 0, INODE_SIZE);
-  buf.writeUInt16LE(c & 0xffff, 0x7c);
-  buf.writeUInt16LE(c >>> 16, 0x82);
+  le16(buf, 0x7c, c & 0xffff);
+  le16(buf, 0x82, c >>> 16);
 }
 
 /**

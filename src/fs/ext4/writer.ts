@@ -31,6 +31,7 @@ import {
   FT_REG,
   FT_SOCK,
   FT_SYMLINK,
+  namesFitOneBlock,
 } from "./dir.js";
 import { hashSeedWords } from "./dirhash.js";
 import { buildTree, extentCount, type Run, toExtents, treeBlocks } from "./extents.js";
@@ -105,7 +106,6 @@ const LOST_FOUND = "lost+found";
 const LOST_FOUND_BLOCKS = 4;
 const MAX_LINKS = 65000;
 const FAST_SYMLINK_MAX = 59;
-const ZERO_BLOCK = Buffer.alloc(BLOCK_SIZE);
 
 const MODE_BITS: Record<Inode["type"], number> = {
   file: S_IFREG,
@@ -253,7 +253,8 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
   for (const item of walk(withLostFound)) {
     const inode = item.inode;
     if (!item.first) {
-      if (inode.type !== "directory") byInode.get(inode)!.links++;
+      if (inode.type !== "directory" && ++byInode.get(inode)!.links > MAX_LINKS)
+        fail("UNSUPPORTED_ARCHIVE", `/${item.path}: more than ${MAX_LINKS} hard links to one file`);
       continue;
     }
     if (Buffer.byteLength(item.name, "utf8") > 255)
@@ -298,11 +299,10 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
     const inode = node.inode;
     if (inode.type === "directory") {
       if (node.links > MAX_LINKS) node.links = 1; // dir_nlink
-      const d = directoryShape(
-        dirEntries(inode, byInode),
-        hashSeed,
-        inode === lostFound ? LOST_FOUND_BLOCKS - 1 : 0,
-      );
+      const pad = inode === lostFound ? LOST_FOUND_BLOCKS - 1 : 0;
+      const d = namesFitOneBlock(inode.entries!.keys())
+        ? { blocks: 1 + pad, indexed: false }
+        : directoryShape(dirEntries(inode, byInode), hashSeed, pad);
       node.blocks = d.blocks;
       node.indexed = d.indexed;
     } else if (inode.type === "symlink") {
@@ -411,7 +411,7 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
 class BlockSink {
   readonly #fh: FileHandle;
   /** Runs waiting to be written: start block and the buffers, contiguous. */
-  #runs: { start: number; parts: Buffer[] }[] = [];
+  #runs: { start: number; parts: Buffer[]; bytes: number }[] = [];
   #next = -1;
   #pending = 0;
 
@@ -421,16 +421,29 @@ class BlockSink {
 
   /** Queues `data` (whole blocks) at block `block`. The caller keeps `data` intact until drain(). */
   put(block: number, data: Buffer): void {
-    for (let off = 0; off < data.length; off += BLOCK_SIZE) {
-      const b = data.subarray(off, off + BLOCK_SIZE);
-      const nr = block + off / BLOCK_SIZE;
-      if (ZERO_BLOCK.equals(b)) continue;
-      const last = this.#runs[this.#runs.length - 1];
-      if (last && nr === this.#next && last.parts.length < 256) last.parts.push(b);
-      else this.#runs.push({ start: nr, parts: [b] });
-      this.#next = nr + 1;
-      this.#pending += BLOCK_SIZE;
+    const blocks = data.length / BLOCK_SIZE;
+    let run = -1;
+    for (let i = 0; i <= blocks; i++) {
+      if (i < blocks && !isZeroRange(data, i * BLOCK_SIZE, (i + 1) * BLOCK_SIZE)) {
+        if (run < 0) run = i;
+      } else if (run >= 0) {
+        this.#queue(block + run, data.subarray(run * BLOCK_SIZE, i * BLOCK_SIZE));
+        run = -1;
+      }
     }
+  }
+
+  /** One run of non-zero blocks: appended to the last run when it follows on (up to 1 MiB). */
+  #queue(start: number, buf: Buffer): void {
+    const last = this.#runs[this.#runs.length - 1];
+    if (last && start === this.#next && last.bytes < 1 << 20) {
+      last.parts.push(buf);
+      last.bytes += buf.length;
+    } else {
+      this.#runs.push({ start, parts: [buf], bytes: buf.length });
+    }
+    this.#next = start + buf.length / BLOCK_SIZE;
+    this.#pending += buf.length;
   }
 
   /** Writes what is queued when it has grown large (metadata is queued in many small pieces). */
