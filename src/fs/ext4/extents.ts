@@ -81,10 +81,13 @@ interface Entry {
 }
 
 function writeEntry(buf: Buffer, off: number, e: Entry): void {
-  if (e.extent) return writeLeaf(buf, off, e.extent);
-  le32(buf, off, e.logical);
-  put48(buf, off + 8, off + 4, e.child!);
-  le16(buf, off + 10, 0);
+  if (e.extent) {
+    writeLeaf(buf, off, e.extent);
+  } else {
+    le32(buf, off, e.logical);
+    put48(buf, off + 8, off + 4, e.child!);
+    le16(buf, off + 10, 0);
+  }
 }
 
 export interface ExtentTree {
