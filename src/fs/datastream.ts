@@ -3,8 +3,9 @@
  * to back in dataOrder, so file bytes (each file padded to a block) fill large buffers whatever the
  * file sizes: few, large writes, and no per-block bookkeeping. One buffer fills while the full ones
  * are written, several at once: the disk keeps working while the main thread is busy elsewhere (the
- * metadata, another layer), where one write in flight left it idle between two. All-zero blocks are not written: they stay holes of the output file
- * (which the writer has sized beforehand), so images stay sparse.
+ * metadata, another layer), where one write in flight left it idle between two. All-zero blocks
+ * are not written: they stay holes of the output file (which the writer has sized beforehand), so
+ * images stay sparse.
  *
  * Aligned runs go out through a second, O_DIRECT handle where the filesystem takes one: straight
  * from the staging buffer to the disk, not through fresh page-cache pages that are then written

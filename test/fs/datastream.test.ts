@@ -155,13 +155,25 @@ function gatedHandle(real: FileHandle) {
 /** Lets every callback already due run (nothing here waits on anything outside the process). */
 const turn = () => new Promise<void>((resolve) => setImmediate(resolve));
 
-test("a data stream keeps three 1 MiB writes in flight while the fourth buffer fills, never more", async () => {
-  const path = join(dir, "depth.img");
+/** A data stream at 0 into a fresh `size`-byte file `name` through a gated handle; closed after. */
+async function withGatedStream(
+  name: string,
+  size: number,
+  body: (gated: ReturnType<typeof gatedHandle>, stream: DataStream, path: string) => Promise<void>,
+): Promise<void> {
+  const path = join(dir, name);
   const real = await open(path, "w");
   try {
-    await real.truncate(8 * MiB);
+    await real.truncate(size);
     const gated = gatedHandle(real);
-    const stream = new DataStream(gated.fh, 0);
+    await body(gated, new DataStream(gated.fh, 0), path);
+  } finally {
+    await real.close();
+  }
+}
+
+test("a data stream keeps three 1 MiB writes in flight while the fourth buffer fills, never more", () =>
+  withGatedStream("depth.img", 8 * MiB, async (gated, stream, path) => {
     const data = randomBytes(6 * MiB + 5);
     let putDone = false;
     const putting = stream.put(data).then(() => {
@@ -190,18 +202,10 @@ test("a data stream keeps three 1 MiB writes in flight while the fourth buffer f
     await ending;
     assert.equal(gated.state.most, 3);
     assert.ok((await readFile(path)).subarray(0, data.length).equals(data), "bytes differ");
-  } finally {
-    await real.close();
-  }
-});
+  }));
 
-test("a data stream's failed write is thrown by end(), once every other write has landed", async () => {
-  const path = join(dir, "failing.img");
-  const real = await open(path, "w");
-  try {
-    await real.truncate(4 * MiB);
-    const gated = gatedHandle(real);
-    const stream = new DataStream(gated.fh, 0);
+test("a data stream's failed write is thrown by end(), once every other write has landed", () =>
+  withGatedStream("failing.img", 4 * MiB, async (gated, stream) => {
     await stream.put(randomBytes(3 * MiB));
     await turn();
     assert.equal(gated.held.length, 3);
@@ -224,7 +228,4 @@ test("a data stream's failed write is thrown by end(), once every other write ha
     await ending;
     assert.equal((outcome() as NodeJS.ErrnoException).code, "EIO");
     assert.equal(gated.state.inFlight, 0);
-  } finally {
-    await real.close();
-  }
-});
+  }));

@@ -624,16 +624,21 @@ function journalInodeBytes(p: Plan, j: JournalPlan, time: number): Buffer {
 }
 
 /**
- * Encodes and writes every metadata block, in turns (`slices`) so the file data written beside it
- * keeps moving; stops early (without an error of its own) once `stopped()`.
+ * Encodes and writes every metadata block, in turns so the file data written beside it keeps
+ * moving; stops early (without an error of its own) once `stopped()`.
  */
 async function writeMetadata(
   p: Plan,
   opts: Ext4Options,
   sink: BlockSink,
   stopped: () => boolean,
-  slices = new TimeSlices(),
 ): Promise<void> {
+  const slices = new TimeSlices();
+  /** Gives the file data its turn; true once it has failed (nothing more is worth writing). */
+  const pause = async () => {
+    await slices.yield();
+    return stopped();
+  };
   const g = p.geometry;
   const j = p.journal;
   if (j) {
@@ -666,10 +671,7 @@ async function writeMetadata(
       for (let i = 0; i < tree.blocks.length; i++) sink.put(node.treeStart + i, tree.blocks[i]!);
     }
     await sink.drainIfLarge();
-    if (slices.due()) {
-      await slices.yield();
-      if (stopped()) return;
-    }
+    if (slices.due() && (await pause())) return;
   }
   for (const x of [...p.xattrBlocks.values()].sort((a, b) => a.block - b.block)) {
     sink.put(x.block, buildXattrBlock(x.entries, x.refcount, x.block, p.fsSeed));
@@ -694,10 +696,7 @@ async function writeMetadata(
       // In place: a buffer per inode would be 100k+ small allocations for a big image.
       encodeNode(p, node, table.subarray(i * INODE_SIZE, (i + 1) * INODE_SIZE));
       if (node.inode.type === "directory") dirsPerGroup[grp]!++;
-      if (slices.due()) {
-        await slices.yield();
-        if (stopped()) return;
-      }
+      if (slices.due() && (await pause())) return;
     }
     sink.put(g.inodeTableStart + grp * g.inodeTableBlocks, table);
     await sink.drain();
