@@ -625,7 +625,8 @@ async function writeSparseCopy(
   const input = await open(src, "r");
   try {
     const output = await open(dest, "wx");
-    const sink: Sink = { fh: output, direct: await openDirect(dest), buffered: 0 };
+    const direct = await openDirect(dest);
+    const sink: Sink = { fh: output, direct, buffered: 0 };
     try {
       const size = (await input.stat()).size;
       const memory = pageAligned(2 * CHUNK);
@@ -651,7 +652,7 @@ async function writeSparseCopy(
       await output.sync();
       return size;
     } finally {
-      await sink.direct?.close();
+      await direct?.close();
       await output.close();
     }
   } finally {
