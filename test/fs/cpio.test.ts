@@ -16,6 +16,7 @@ import {
   newInode,
   walk,
 } from "../../src/fs/tree.js";
+import { pseudoRandomBytes as bytes } from "../helpers/bytes.js";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
 import { diffTrees, type EntryFacts, snapshotTree } from "../helpers/treecompare.js";
 
@@ -23,19 +24,6 @@ const T = 1_600_000_000;
 const LONG_DIR = "d".repeat(150);
 const LONG_FILE = `${"f".repeat(200)}.txt`;
 const UNICODE = "ünïcødé-名前.txt";
-
-/** Pseudo-random bytes, the same on every run. */
-function bytes(n: number, seed: number): Buffer {
-  const out = Buffer.alloc(n);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    out[i] = x & 0xff;
-  }
-  return out;
-}
 
 /**
  * A ContentSource that behaves like the real one (one sequential read per layer): it refuses files
