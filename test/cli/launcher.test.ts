@@ -5,36 +5,26 @@
  * long-running command (serve).
  */
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { chmod, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { makeTempDir, removeDir } from "../helpers/exec.js";
-import { BIN, childEnv, REPO_ROOT } from "./kiln.js";
+import { startService } from "../server/service.js";
+import { BIN } from "./kiln.js";
 
 const FEW_CPU_FLAGS = ["--v8-pool-size=1", "--no-turbo-inlining"];
 
-/** Starts `[...prefix, bin/kiln, serve]`, waits until it listens, and returns the node process's argv. */
-async function nodeArgv(prefix: readonly string[], root: string, env: NodeJS.ProcessEnv): Promise<string[]> {
-  const argv = [...prefix, BIN, "--root", root, "serve", "--listen", "127.0.0.1:0", "--log-level", "warn"];
-  const child = spawn(argv[0]!, argv.slice(1), { cwd: REPO_ROOT, env, stdio: ["ignore", "ignore", "pipe"] });
-  const exited = new Promise<number | null>((resolve) => child.on("close", resolve));
+/** Node's flags (before the script) in the process `[...asUser, bin/kiln, serve]` became. */
+async function nodeFlags(root: string, asUser: readonly string[], env?: Record<string, string>) {
+  const svc = await startService(root, [], { asUser, env });
   try {
-    await new Promise<void>((resolve, reject) => {
-      let stderr = "";
-      child.stderr!.on("data", (c: Buffer) => {
-        stderr += c.toString("utf8");
-        if (/listening on http/.test(stderr)) resolve();
-      });
-      child.on("error", reject);
-      exited.then((code) => reject(new Error(`kiln serve exited (${code}) before listening: ${stderr}`)));
-    });
     // taskset and sh exec: the pid is node's by now.
-    const cmdline = await readFile(`/proc/${child.pid}/cmdline`, "utf8");
-    return cmdline.split("\0").filter((a) => a !== "");
+    const argv = (await readFile(`/proc/${svc.child.pid}/cmdline`, "utf8")).split("\0");
+    const script = argv.indexOf(BIN);
+    assert.ok(script > 0, `bin/kiln not in ${JSON.stringify(argv)}`);
+    return argv.slice(1, script);
   } finally {
-    child.kill("SIGTERM");
-    await exited;
+    await svc.stop();
   }
 }
 
@@ -55,21 +45,16 @@ describe("bin/kiln's Node flags", () => {
   });
 
   it("on one CPU: one V8 worker thread and no TurboFan inlining, before the script", async () => {
-    const argv = await nodeArgv(["taskset", "-c", "0"], root, childEnv());
-    const script = argv.indexOf(BIN);
-    assert.ok(script > 0, `bin/kiln not in ${JSON.stringify(argv)}`);
-    assert.deepEqual(argv.slice(1, script), FEW_CPU_FLAGS);
+    assert.deepEqual(await nodeFlags(root, ["taskset", "-c", "0"]), FEW_CPU_FLAGS);
   });
 
   it("on one CPU whatever OpenMP's thread limits say", async () => {
-    const env = childEnv({ OMP_NUM_THREADS: "16", OMP_THREAD_LIMIT: "16" });
-    const argv = await nodeArgv(["taskset", "-c", "0"], root, env);
-    assert.deepEqual(argv.slice(1, argv.indexOf(BIN)), FEW_CPU_FLAGS);
+    const env = { OMP_NUM_THREADS: "16", OMP_THREAD_LIMIT: "16" };
+    assert.deepEqual(await nodeFlags(root, ["taskset", "-c", "0"], env), FEW_CPU_FLAGS);
   });
 
   it("on more than two CPUs: Node's defaults", async () => {
-    const env = childEnv({ PATH: `${fakeBin}:${process.env.PATH}` });
-    const argv = await nodeArgv([], root, env);
-    assert.deepEqual(argv.slice(1, argv.indexOf(BIN)), []);
+    const env = { PATH: `${fakeBin}:${process.env.PATH}` };
+    assert.deepEqual(await nodeFlags(root, [], env), []);
   });
 });

@@ -32,6 +32,11 @@ export interface StartOptions {
   /** Run test/server/crashing-serve.ts instead of bin/kiln: it SIGKILLs itself at this phase. */
   crashAt?: "converting";
   env?: Record<string, string>;
+  /**
+   * Start bin/kiln as a user does (its shell line, not `node bin/kiln`), behind these commands
+   * (e.g. `taskset -c 0`; none: bin/kiln itself).
+   */
+  asUser?: readonly string[];
 }
 
 export async function startService(
@@ -42,7 +47,9 @@ export async function startService(
   const argv = opts.crashAt
     ? ["--import", "tsx", join(REPO_ROOT, "test/server/crashing-serve.ts"), root, opts.crashAt]
     : [BIN, "--root", root, "serve", "--listen", "127.0.0.1:0", "--log-level", "warn", ...args];
-  const child = spawn(process.execPath, argv, {
+  const [cmd, ...cmdArgs] =
+    opts.asUser && !opts.crashAt ? [...opts.asUser, ...argv] : [process.execPath, ...argv];
+  const child = spawn(cmd!, cmdArgs, {
     cwd: REPO_ROOT,
     env: childEnv(opts.env),
     stdio: ["ignore", "ignore", "pipe"],
