@@ -9,6 +9,7 @@ import { PassThrough, pipeline, type Readable, type Transform } from "node:strea
 import { createGunzip, type ZlibOptions } from "node:zlib";
 import { DecompressStream } from "zstd-napi";
 import { isKilnError, KilnError } from "../errors.js";
+import { pieces } from "../pieces.js";
 
 export type LayerCompression = "gzip" | "zstd" | "none";
 
@@ -82,15 +83,19 @@ export async function* openLayerStream(
   }
   const first = Buffer.concat(head);
   const kind = sniffCompression(first);
+  async function* rest(): AsyncGenerator<Buffer> {
+    if (first.length > 0) yield first;
+    if (ended) return;
+    for (;;) {
+      const r = await it.next();
+      if (r.done) return;
+      yield r.value;
+    }
+  }
   async function* source(): AsyncGenerator<Buffer> {
     try {
-      if (first.length > 0) yield first;
-      if (ended) return;
-      for (;;) {
-        const r = await it.next();
-        if (r.done) return;
-        yield r.value;
-      }
+      // zlib emits what each input chunk inflates to as a chunk of its own.
+      yield* pieces(rest());
     } catch (err) {
       throw new SourceError(err);
     } finally {

@@ -95,6 +95,15 @@ describe("openLayerStream", () => {
       assert.ok((await collect(openLayerStream(chunks(blobs.get(kind)!)))).equals(tar));
     });
 
+    test(`${kind}: input arriving in small pieces comes out in large chunks`, async () => {
+      // Network reads are a few KiB each; a chunk out per chunk in would cost a thread-pool trip,
+      // a write and a hash update each further on. 3001-byte pieces: hundreds of them.
+      const pieces = Math.ceil(blobs.get(kind)!.length / 3001);
+      let count = 0;
+      for await (const _ of openLayerStream(chunks(blobs.get(kind)!), { diffId })) count++;
+      assert.ok(count <= 16, `${count} chunks out of ${pieces} pieces in`);
+    });
+
     test(`${kind}: a wrong diff ID is DIGEST_MISMATCH, thrown after the last byte`, async () => {
       let got = 0;
       await rejects(
