@@ -29,9 +29,10 @@ const INFLATE_CHUNK = 1 << 20;
 /**
  * Decompressed bytes kept ready ahead of the consumer. A Transform takes its next input only once
  * its output is drained below this mark: at the default (16 KiB), decompression (on the thread pool
- * for gzip) and the consumer took turns instead of running at the same time on two cores.
+ * for gzip) and the consumer took turns instead of running at the same time on two cores. Two
+ * MiB keep both busy; more only holds memory (a pull runs one per layer).
  */
-const AHEAD = 4 << 20;
+const AHEAD = 2 << 20;
 
 const GZIP = [0x1f, 0x8b];
 const ZSTD = [0x28, 0xb5, 0x2f, 0xfd];

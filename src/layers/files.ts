@@ -266,8 +266,11 @@ export async function* spoolThrough(
   }
 }
 
-/** Writes in flight at most, per spool, before the reader waits for them. */
-const SPOOL_BACKLOG = 4 << 20;
+/**
+ * Writes in flight at most, per spool, before the reader waits for them: two of the decompressor's
+ * 1 MiB chunks (each queued MiB is resident, per layer).
+ */
+const SPOOL_BACKLOG = 2 << 20;
 
 /** A decompressed layer written to a temp file as pass 1 reads it. */
 export class Spool {

@@ -29,8 +29,8 @@ export interface PrefetchedLayer {
   merged: number | undefined;
 }
 
-/** Compressed bytes queued for a tap's reader before the download waits. */
-const QUEUE_BYTES = 2 << 20;
+/** Compressed bytes queued for a tap's reader before the download waits: two of ingest's pieces. */
+const QUEUE_BYTES = 1 << 20;
 
 export class HeaderPrefetch {
   readonly #spoolPrefix: string;
