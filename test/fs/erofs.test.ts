@@ -5,7 +5,7 @@ import { mkdir, readFile, stat } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { isKilnError } from "../../src/errors.js";
-import { planLayout } from "../../src/fs/erofs/layout.js";
+import { pathOf, planLayout } from "../../src/fs/erofs/layout.js";
 import { crc32cRaw, SUPER_OFFSET } from "../../src/fs/erofs/superblock.js";
 import { writeErofs } from "../../src/fs/erofs/writer.js";
 import { type Inode, MemoryContent, newInode, walk } from "../../src/fs/tree.js";
@@ -124,6 +124,9 @@ function sample(): Sample {
   put(root, "n".repeat(255), file(3));
   put(root, "naïve-ünïcödé-名前-😀", file(4));
   put(root, "-dash", file(1)); // sorts before "."
+  // UTF-16 puts a surrogate (U+1F600's first half) before U+E000; UTF-8, the kernel's lookup order, after.
+  put(root, "\u{E000}-private", file(1));
+  put(root, "\u{1F600}", file(1));
   return { root, content, bytes: bytesOf };
 }
 
@@ -295,7 +298,7 @@ describe("EROFS writer", () => {
     const files = new Set(layout.files);
     for (const node of layout.nodes)
       if (!files.has(node.inode))
-        assert.ok(node.offset < layout.filesOffset, `/${node.path} after the files`);
+        assert.ok(node.offset < layout.filesOffset, `/${pathOf(node)} after the files`);
     assert.equal(layout.byInode.get(s.root)!.offset, 32); // nid 1: the root
   });
 
@@ -348,10 +351,21 @@ describe("EROFS writer", () => {
     const bad = (root: Inode, content = new MemoryContent(), uuid = UUID) =>
       writeErofs(root, content, out, { uuid });
     const withXattr = newInode("directory");
-    withXattr.entries!.set("f", newInode("file", { xattrs: new Map([["os2.thing", Buffer.from("x")]]) }));
+    const sub = newInode("directory");
+    withXattr.entries!.set("d", sub);
+    sub.entries!.set("f", newInode("file", { xattrs: new Map([["os2.thing", Buffer.from("x")]]) }));
     await assert.rejects(
       bad(withXattr),
-      (e) => isKilnError(e, "UNSUPPORTED_ARCHIVE") && /os2\.thing on \/f/.test(e.message),
+      (e) => isKilnError(e, "UNSUPPORTED_ARCHIVE") && /os2\.thing on \/d\/f\b/.test(e.message),
+    );
+    const twice = newInode("directory");
+    const shared = newInode("directory");
+    twice.entries!.set("a", shared);
+    twice.entries!.set("b", newInode("directory"));
+    twice.entries!.get("b")!.entries!.set("again", shared);
+    await assert.rejects(
+      bad(twice),
+      (e) => isKilnError(e, "INVALID_ARGUMENT") && /directory \/b\/again has a second name/.test(e.message),
     );
     await assert.rejects(bad(newInode("directory"), new MemoryContent(), Buffer.alloc(8)), (e) =>
       isKilnError(e, "INVALID_ARGUMENT"),

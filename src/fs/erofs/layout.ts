@@ -16,7 +16,7 @@
  * root with inode number 0 hides "." and ".." from readdir users that skip d_ino 0.
  */
 import { KilnError } from "../../errors.js";
-import { type Inode, sortDataOrder } from "../tree.js";
+import { compareNames, type Inode, sortDataOrder } from "../tree.js";
 import { type DirEntry, type DirPlan, planDirBlocks } from "./dirent.js";
 import {
   COMPACT_SIZE,
@@ -39,8 +39,9 @@ const MAX_NAME = 255;
 
 export interface Node {
   inode: Inode;
-  /** First path of the inode, for messages. */
-  path: string;
+  /** Where the inode was first met (its path, for messages: pathOf): the parent's node and the name. */
+  parent: Node | undefined;
+  name: string;
   ino: number;
   nlink: number;
   extended: boolean;
@@ -66,12 +67,19 @@ export interface Node {
 /** A dirent with the inode it names (its nid is known once slots are placed). */
 export interface DirRef extends DirEntry {
   ref: Inode;
-  /** The child's name; undefined for "." and "..". */
-  str: string | undefined;
+  /** False for "." and "..". */
+  child: boolean;
 }
 
-const DOT = Buffer.from(".");
-const DOTDOT = Buffer.from("..");
+/**
+ * The first path of a node's inode, from the root ("" for the root itself): built when a message
+ * needs it, not kept per inode (tens of thousands of strings for the whole write).
+ */
+export function pathOf(node: Node | undefined): string {
+  const names: string[] = [];
+  for (let n = node; n?.parent; n = n.parent) names.push(n.name);
+  return names.reverse().join("/");
+}
 
 export interface Layout {
   /** Every inode once, in walk order (the root first). */
@@ -95,17 +103,20 @@ export interface LayoutOptions {
   inlineData?: boolean | undefined;
 }
 
+/** What encodeXattrs gives for no xattrs (no call, no per-inode message string). */
+const EMPTY_XATTRS = Buffer.alloc(0);
+
 const slotOf = (n: Node): number => n.offset / SLOT_SIZE;
 export const nidOf = slotOf;
 export const inodeSize = (n: Node): number => (n.extended ? EXTENDED_SIZE : COMPACT_SIZE);
 
-/** A directory entry's name as stored; `dir` is the parent's path, for the message. */
-function checkName(name: string, dir: string): Buffer {
-  const bytes = Buffer.from(name, "utf8");
-  if (bytes.length === 0 || bytes.length > MAX_NAME || name === "." || name === ".." || /[/\0]/.test(name))
+/** A directory entry's name's length as stored; `dir` is the parent's node, for the message. */
+function checkName(name: string, dir: Node): number {
+  const bytes = Buffer.byteLength(name, "utf8");
+  if (bytes === 0 || bytes > MAX_NAME || name === "." || name === ".." || /[/\0]/.test(name))
     throw new KilnError(
       "INVALID_ARGUMENT",
-      `name ${JSON.stringify(name)} in /${dir} cannot be stored in EROFS (1-255 bytes, no / or NUL)`,
+      `name ${JSON.stringify(name)} in /${pathOf(dir)} cannot be stored in EROFS (1-255 bytes, no / or NUL)`,
     );
   return bytes;
 }
@@ -147,24 +158,25 @@ interface Visit {
  */
 function visitTree(root: Inode): Visit {
   const v: Visit = { nodes: [], byInode: new Map(), files: [], children: new Map() };
-  const visit = (path: string, inode: Inode, parent: Inode): void => {
+  const visit = (name: string, inode: Inode, parent: Inode, parentNode: Node | undefined): void => {
     const seen = v.byInode.get(inode);
     if (seen) {
       if (inode.type === "directory")
         throw new KilnError(
           "INVALID_ARGUMENT",
-          `directory /${path} has a second name (hardlinked directory)`,
+          `directory /${[pathOf(parentNode), name].filter((p) => p !== "").join("/")} has a second name (hardlinked directory)`,
         );
       seen.nlink++;
       return;
     }
     const node: Node = {
       inode,
-      path,
+      parent: parentNode,
+      name,
       ino: v.nodes.length + 1,
       nlink: 1,
       extended: false,
-      xattrs: encodeXattrs(inode.xattrs, `/${path}`),
+      xattrs: EMPTY_XATTRS,
       layout: FLAT_PLAIN,
       size: 0,
       blocks: 0,
@@ -175,32 +187,34 @@ function visitTree(root: Inode): Visit {
       dir: undefined,
       target: undefined,
     };
+    if (inode.xattrs.size > 0) node.xattrs = encodeXattrs(inode.xattrs, `/${pathOf(node)}`);
     v.nodes.push(node);
     v.byInode.set(inode, node);
     if (inode.type === "file" && inode.data) v.files.push(inode);
     if (inode.type !== "directory") return;
     // Dirents, "." and ".." included: they sort among the names ("-x" comes before them).
     const entries: DirRef[] = [
-      { name: DOT, type: DIRENT_TYPE.directory, nid: 0, ref: inode, str: undefined },
-      { name: DOTDOT, type: DIRENT_TYPE.directory, nid: 0, ref: parent, str: undefined },
+      { name: ".", bytes: 1, type: DIRENT_TYPE.directory, nid: 0, ref: inode, child: false },
+      { name: "..", bytes: 2, type: DIRENT_TYPE.directory, nid: 0, ref: parent, child: false },
     ];
     let subdirs = 0;
     for (const [name, child] of inode.entries!) {
       entries.push({
-        name: checkName(name, path),
+        name,
+        bytes: checkName(name, node),
         type: DIRENT_TYPE[child.type],
         nid: 0,
         ref: child,
-        str: name,
+        child: true,
       });
       if (child.type === "directory") subdirs++;
     }
-    entries.sort((a, b) => Buffer.compare(a.name, b.name));
+    entries.sort((a, b) => compareNames(a.name, b.name));
     v.children.set(inode, entries);
     node.nlink = 2 + subdirs;
-    for (const e of entries) if (e.str !== undefined) visit(path ? `${path}/${e.str}` : e.str, e.ref, inode);
+    for (const e of entries) if (e.child) visit(e.name, e.ref, inode, node);
   };
-  visit("", root, root);
+  visit("", root, root, undefined);
   return v;
 }
 
@@ -239,7 +253,7 @@ export function planLayout(root: Inode, opts: LayoutOptions = {}): Layout {
         if (node.target.length > MAX_SYMLINK)
           throw new KilnError(
             "UNSUPPORTED_ARCHIVE",
-            `symlink /${node.path} has a target longer than ${MAX_SYMLINK} bytes`,
+            `symlink /${pathOf(node)} has a target longer than ${MAX_SYMLINK} bytes`,
           );
         node.size = node.target.length;
         break;
@@ -248,7 +262,7 @@ export function planLayout(root: Inode, opts: LayoutOptions = {}): Layout {
         if (inode.rdevMajor > 0xfff || inode.rdevMinor > 0xfffff)
           throw new KilnError(
             "UNSUPPORTED_ARCHIVE",
-            `device /${node.path} ${inode.rdevMajor}:${inode.rdevMinor} is out of range`,
+            `device /${pathOf(node)} ${inode.rdevMajor}:${inode.rdevMinor} is out of range`,
           );
         node.u = encodeRdev(inode.rdevMajor, inode.rdevMinor);
         break;
@@ -258,7 +272,7 @@ export function planLayout(root: Inode, opts: LayoutOptions = {}): Layout {
     if (inode.uid > 0xffffffff || inode.gid > 0xffffffff || inode.uid < 0 || inode.gid < 0)
       throw new KilnError(
         "UNSUPPORTED_ARCHIVE",
-        `owner ${inode.uid}:${inode.gid} of /${node.path} is out of range`,
+        `owner ${inode.uid}:${inode.gid} of /${pathOf(node)} is out of range`,
       );
     node.extended = !fitsCompact(
       {

@@ -14,7 +14,7 @@ import { layerRuns, writeRuns } from "../layer-runs.js";
 import type { ContentSource, Inode } from "../tree.js";
 import { encodeDirBlock } from "./dirent.js";
 import { encodeInode, modeBits } from "./inode.js";
-import { inodeSize, type Layout, type Node, nidOf, planLayout } from "./layout.js";
+import { inodeSize, type Layout, type Node, nidOf, pathOf, planLayout } from "./layout.js";
 import { BLOCK_SIZE, encodeSuperblockBlock } from "./superblock.js";
 import { xattrCount } from "./xattr.js";
 
@@ -171,7 +171,7 @@ async function writeContents(
           if (pos + chunk.length > size)
             throw new KilnError(
               "INVALID_ARCHIVE",
-              `content of /${node.path} is longer than its ${size} bytes`,
+              `content of /${pathOf(node)} is longer than its ${size} bytes`,
             );
           const split = Math.max(0, Math.min(chunk.length, inBlocks - pos));
           if (split > 0) await stream!.put(chunk, 0, split);
@@ -181,7 +181,7 @@ async function writeContents(
         if (pos !== size)
           throw new KilnError(
             "INVALID_ARCHIVE",
-            `content of /${node.path} ended after ${pos} of its ${size} bytes`,
+            `content of /${pathOf(node)} ended after ${pos} of its ${size} bytes`,
           );
       }
     } catch (err) {
