@@ -29,7 +29,7 @@ import {
   SLOT_SIZE,
 } from "./inode.js";
 import { BLOCK_SIZE } from "./superblock.js";
-import { encodeXattrs } from "./xattr.js";
+import { encodeXattrs, NO_XATTRS_IBODY } from "./xattr.js";
 
 /** raw_blkaddr of an inode with no blocks (what mkfs.erofs writes too). */
 const NULL_ADDR = 0xffffffff;
@@ -72,11 +72,11 @@ export interface DirRef extends DirEntry {
 }
 
 /**
- * The first path of a node's inode, from the root ("" for the root itself): built when a message
- * needs it, not kept per inode (tens of thousands of strings for the whole write).
+ * The first path of a node's inode, from the root ("" for the root itself), or of `child` in it:
+ * built when a message needs it, not kept per inode (tens of thousands of strings for the write).
  */
-export function pathOf(node: Node | undefined): string {
-  const names: string[] = [];
+export function pathOf(node: Node | undefined, child?: string): string {
+  const names = child === undefined ? [] : [child];
   for (let n = node; n?.parent; n = n.parent) names.push(n.name);
   return names.reverse().join("/");
 }
@@ -102,9 +102,6 @@ export interface LayoutOptions {
   /** Store the last partial block of regular files after their inode (default true). */
   inlineData?: boolean | undefined;
 }
-
-/** What encodeXattrs gives for no xattrs (no call, no per-inode message string). */
-const EMPTY_XATTRS = Buffer.alloc(0);
 
 const slotOf = (n: Node): number => n.offset / SLOT_SIZE;
 export const nidOf = slotOf;
@@ -164,7 +161,7 @@ function visitTree(root: Inode): Visit {
       if (inode.type === "directory")
         throw new KilnError(
           "INVALID_ARGUMENT",
-          `directory /${[pathOf(parentNode), name].filter((p) => p !== "").join("/")} has a second name (hardlinked directory)`,
+          `directory /${pathOf(parentNode, name)} has a second name (hardlinked directory)`,
         );
       seen.nlink++;
       return;
@@ -176,7 +173,7 @@ function visitTree(root: Inode): Visit {
       ino: v.nodes.length + 1,
       nlink: 1,
       extended: false,
-      xattrs: EMPTY_XATTRS,
+      xattrs: NO_XATTRS_IBODY,
       layout: FLAT_PLAIN,
       size: 0,
       blocks: 0,
@@ -187,6 +184,7 @@ function visitTree(root: Inode): Visit {
       dir: undefined,
       target: undefined,
     };
+    // Only with xattrs: the message string would otherwise be built for every inode.
     if (inode.xattrs.size > 0) node.xattrs = encodeXattrs(inode.xattrs, `/${pathOf(node)}`);
     v.nodes.push(node);
     v.byInode.set(inode, node);

@@ -7,7 +7,8 @@ import { KilnError } from "../../errors.js";
 import { compareNames } from "../tree.js";
 
 const IBODY_HEADER_SIZE = 12;
-const EMPTY = Buffer.alloc(0);
+/** The ibody of an inode without xattrs (nothing: xattr_icount 0). */
+export const NO_XATTRS_IBODY = Buffer.alloc(0);
 const ENTRY_HEADER_SIZE = 4;
 
 /** Whole names first (ACLs have an empty suffix), then prefixes; EROFS_XATTR_INDEX_*. */
@@ -46,7 +47,7 @@ const align4 = (n: number): number => (n + 3) & ~3;
  * so the output does not depend on insertion order.
  */
 export function encodeXattrs(xattrs: ReadonlyMap<string, Buffer>, where: string): Buffer {
-  if (xattrs.size === 0) return EMPTY;
+  if (xattrs.size === 0) return NO_XATTRS_IBODY;
   const entries = [...xattrs]
     .sort((a, b) => compareNames(a[0], b[0]))
     .map(([name, value]) => {
