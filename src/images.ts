@@ -9,11 +9,10 @@ import { randomBytes } from "node:crypto";
 import { readFile } from "node:fs/promises";
 import { join } from "node:path";
 import type { RuntimeConfig } from "./boot/runtime.js";
-import type { ExportProgress, LayerImagesList } from "./build/export.js";
+import type { ExportPrefetch, ExportProgress, LayerImagesList } from "./build/export.js";
 import type { ExportFormat } from "./build/formats.js";
 import { checkOutputDir, replaceAtomically } from "./build/publish.js";
 import { KilnError } from "./errors.js";
-import type { HeaderPrefetch } from "./layers/prefetch.js";
 import { parseReference } from "./reference/reference.js";
 import { parseConfig } from "./registry/manifest.js";
 import { formatPlatform, hostPlatform, type Platform } from "./registry/platform.js";
@@ -246,7 +245,7 @@ async function exportInStore(
   image: ImageRecord,
   out: string | undefined,
   opts: ExportImageOptions,
-  prefetch?: HeaderPrefetch,
+  prefetch?: ExportPrefetch,
 ): Promise<ExportImageResult> {
   const { exportArtifact } = await import("./build/export.js");
   const options = {
@@ -283,7 +282,7 @@ export async function pullAndExport(
   ]);
   if (out !== undefined) await checkOutputDir(out);
   return withStore(opts, async (store) => {
-    const prefetch = prefetchFor(store, opts.export.format);
+    const prefetch = prefetchFor(store, opts.export.format, out);
     try {
       const pulled = await pullInto(store, ref, { ...opts, tap: prefetch?.tap });
       opts.onPulled?.(pulled);

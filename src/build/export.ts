@@ -10,12 +10,13 @@ import { createHash, randomBytes } from "node:crypto";
 import { constants } from "node:fs";
 import { copyFile, mkdir, open, readdir, readFile, rename, rm, stat } from "node:fs/promises";
 import { freemem } from "node:os";
-import { dirname, join, relative } from "node:path";
+import { dirname, join, relative, resolve } from "node:path";
 import { KilnError } from "../errors.js";
 import { writeCpio } from "../fs/cpio/writer.js";
 import { openDirect, type Sink, writeSparse } from "../fs/datastream.js";
 import { writeErofs } from "../fs/erofs/writer.js";
 import { writeExt4 } from "../fs/ext4/writer.js";
+import { Staging } from "../fs/staging.js";
 import type { ContentSource, Inode } from "../fs/tree.js";
 import { LayerContent } from "../layers/content.js";
 import { LayerFiles } from "../layers/files.js";
@@ -164,18 +165,49 @@ function tempIn(store: Store, what: string): string {
   return join(store.tmpDir, `${what}-${process.pid}-${randomBytes(4).toString("hex")}`);
 }
 
+/** A pull's pass 1, staging ext4 file data where it can. */
+export type ExportPrefetch = HeaderPrefetch<Staging>;
+
+/** The temp file an export to `output` is written as (renamed over it once complete). */
+function outputTemp(output: string): string {
+  return join(dirname(resolve(output)), `.${randomBytes(6).toString("hex")}.kiln-tmp`);
+}
+
 /**
  * Pass 1 of an export of `format`, to run on each layer while a pull downloads it (hand its `tap` to
- * the pull, then the prefetch to exportArtifact, and close it after). None for erofs-layers, which
- * reads each layer beside writing it.
+ * the pull, then the prefetch to exportArtifact with the same `output`, and close it after). None
+ * for erofs-layers, which reads each layer beside writing it. For ext4 the file data is staged in
+ * the image's own temp file as it is read (src/fs/staging.ts), where the filesystem allows.
  */
-export function prefetchFor(store: Store, format: ExportFormat): HeaderPrefetch | undefined {
+export function prefetchFor(
+  store: Store,
+  format: ExportFormat,
+  output?: string | undefined,
+): ExportPrefetch | undefined {
   if (format === "erofs-layers") return undefined;
-  return new HeaderPrefetch({
+  return new HeaderPrefetch<Staging>({
     spoolPrefix: tempIn(store, "prefetch"),
     spoolBudget: spoolBudget(),
     builder: new TreeBuilder({ fixedTime: IMPLICIT_DIR_TIME }),
+    stager:
+      format === "ext4" && process.env.KILN_NO_STAGING === undefined
+        ? (layers) =>
+            Staging.create(output === undefined ? tempIn(store, "stage") : outputTemp(output), layers)
+        : undefined,
   });
+}
+
+/** The prefetch's staged image file, if it is where this export writes (its directory). */
+async function stagingFor(
+  store: Store,
+  opts: ExportOptions,
+  extras: ExportExtras,
+): Promise<Staging | undefined> {
+  if (opts.format !== "ext4") return undefined;
+  const staging = await extras.prefetch?.stager;
+  if (!staging) return undefined;
+  const dir = extras.output === undefined ? store.tmpDir : dirname(resolve(extras.output));
+  return dirname(staging.path) === dir ? staging : undefined;
 }
 
 /** Layers whose headers pass 1 reads at once (two cores: one big layer and the small ones beside it). */
@@ -273,7 +305,7 @@ export interface ExportResult {
 export interface ExportExtras {
   progress?: ExportProgress | undefined;
   /** Pass 1 already run during the pull, for the layers it fetched (flattened formats). */
-  prefetch?: HeaderPrefetch | undefined;
+  prefetch?: ExportPrefetch | undefined;
   /**
    * Write the result here (replaced atomically and fsynced): a cached artifact is copied (cloned
    * where the filesystem can); a new one is written here directly, and kept in the store only as a
@@ -356,6 +388,7 @@ export async function exportArtifact(
 
   plan(false);
   const compressed = image.layers.reduce((n, l) => n + l.size, 0);
+  const staging = await stagingFor(store, opts, extras);
   const build = async (dest: string, tmpPrefix: string) => {
     const files = new LayerFiles(store.blobs, image.layers, (i) => layerLabel(image, i), {
       spoolPrefix: `${tmpPrefix}.spool`,
@@ -369,7 +402,7 @@ export async function exportArtifact(
         report.phase("reading", compressed);
         const root = await mergedTree(files, image, report, extras.prefetch);
         report.phase("writing", compressed);
-        await writeFormat(root, layerContent(files, image, report), dest, image, opts);
+        await writeFormat(root, layerContent(files, image, report), dest, image, opts, staging);
       }
       report.end();
     } finally {
@@ -382,22 +415,26 @@ export async function exportArtifact(
     // (an image is often gigabytes). The store keeps one only where the filesystem can share the
     // blocks (a clone: nothing is written).
     let kept: ExportResult | undefined;
-    const bytes = await replaceAtomically(extras.output, async (tmp) => {
-      await build(tmp, tempIn(store, `export-${key}`));
-      await fsyncTree(tmp);
-      const size = await pathSize(tmp);
-      if (boot !== undefined) {
-        const pending = pendingPath(final, boot);
-        if (await keepClone(tmp, pending, tempIn(store, `clone-${key}`))) {
-          kept = { artifact: record(pending, size), file: pending, cached: false, pending: true };
+    const bytes = await replaceAtomically(
+      extras.output,
+      async (tmp) => {
+        await build(tmp, tempIn(store, `export-${key}`));
+        await fsyncTree(tmp);
+        const size = await pathSize(tmp);
+        if (boot !== undefined) {
+          const pending = pendingPath(final, boot);
+          if (await keepClone(tmp, pending, tempIn(store, `clone-${key}`))) {
+            kept = { artifact: record(pending, size), file: pending, cached: false, pending: true };
+          }
         }
-      }
-      return size;
-    });
+        return size;
+      },
+      staging?.path,
+    );
     return kept ? { ...kept, bytes } : { artifact: undefined, file: extras.output, cached: false, bytes };
   }
 
-  const tmp = tempIn(store, `export-${key}`);
+  const tmp = staging?.path ?? tempIn(store, `export-${key}`);
   try {
     await build(tmp, tmp);
     // Durable before it is renamed into place and recorded: a crash must never leave a record
@@ -474,6 +511,7 @@ async function writeFormat(
   out: string,
   image: ImageRecord,
   opts: ExportOptions,
+  staging: Staging | undefined,
 ): Promise<void> {
   switch (opts.format) {
     case "cpio":
@@ -491,6 +529,7 @@ async function writeFormat(
         size: opts.size,
         free: opts.free,
         journal: opts.journal,
+        staging,
       });
       return;
   }

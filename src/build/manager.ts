@@ -10,7 +10,6 @@ import { rm } from "node:fs/promises";
 import { cpus } from "node:os";
 import { join } from "node:path";
 import { KilnError, toKilnError } from "../errors.js";
-import type { HeaderPrefetch } from "../layers/prefetch.js";
 import { formatReference, parseReference } from "../reference/reference.js";
 import { parseConfig } from "../registry/manifest.js";
 import { formatPlatform, hostPlatform, parsePlatform } from "../registry/platform.js";
@@ -18,7 +17,13 @@ import { pullInto, type RegistryPullOptions } from "../source/pull.js";
 import { type BuildRow, type BuildStatus, Builds, UNFINISHED } from "../store/builds.js";
 import type { ImageRecord } from "../store/catalog.js";
 import { openStore, removeImages, type Store } from "../store/store.js";
-import { canonicalOptions, type ExportOptions, exportArtifact, prefetchFor } from "./export.js";
+import {
+  canonicalOptions,
+  type ExportOptions,
+  type ExportPrefetch,
+  exportArtifact,
+  prefetchFor,
+} from "./export.js";
 import { EXPORT_FORMATS, type ExportFormat } from "./formats.js";
 import { acquireServiceLock, type ServiceLock } from "./lock.js";
 
@@ -309,7 +314,7 @@ export class ImageManager extends EventEmitter<ManagerEvents> {
   async #run(build: BuildRow, signal: AbortSignal): Promise<void> {
     const started = process.hrtime.bigint();
     let row: BuildRow | undefined = build;
-    let prefetch: HeaderPrefetch | undefined;
+    let prefetch: ExportPrefetch | undefined;
     try {
       await this.#opts.onPhase?.(this.#view(build));
       let image = this.#opts.pullPolicy === "always" ? undefined : this.#localImage(build);

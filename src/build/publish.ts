@@ -7,12 +7,15 @@ import { KilnError } from "../errors.js";
 /**
  * Runs `write` on a temp path beside `out` (same filesystem, so the rename is atomic) and renames
  * the result over `out` only once it succeeded; on failure the temp path is removed and `out` is
- * left as it was. A directory result replaces a directory at `out`.
+ * left as it was. A directory result replaces a directory at `out`. `tmp`: a temp path chosen
+ * beforehand, beside `out` (a staged image, src/fs/staging.ts).
  */
-export async function replaceAtomically<T>(out: string, write: (tmp: string) => Promise<T>): Promise<T> {
-  const dir = dirname(out);
+export async function replaceAtomically<T>(
+  out: string,
+  write: (tmp: string) => Promise<T>,
+  tmp = join(dirname(out), `.${randomBytes(6).toString("hex")}.kiln-tmp`),
+): Promise<T> {
   await checkOutputDir(out);
-  const tmp = join(dir, `.${randomBytes(6).toString("hex")}.kiln-tmp`);
   try {
     const result = await write(tmp);
     if ((await stat(tmp)).isDirectory()) await rm(out, { recursive: true, force: true });

@@ -113,11 +113,14 @@ export class DataStream {
   /** Images are fsynced once complete: their blocks go to the disk while the rest is written. */
   readonly #behind: WriteBehind;
 
-  /** `direct`: the same file opened by openDirect, for the aligned runs (the caller closes it). */
-  constructor(fh: FileHandle, start: number, direct?: FileHandle | undefined) {
+  /**
+   * `direct`: the same file opened by openDirect, for the aligned runs (the caller closes it).
+   * `depth`: buffers (MiB) of this stream.
+   */
+  constructor(fh: FileHandle, start: number, direct?: FileHandle | undefined, depth = DEPTH) {
     // One mapping for all buffers (each memory reserves address space of its own).
-    const memory = pageAligned(DEPTH * CHUNK);
-    for (let i = DEPTH - 1; i > 0; i--) this.#free.push(memory.subarray(i * CHUNK, (i + 1) * CHUNK));
+    const memory = pageAligned(depth * CHUNK);
+    for (let i = depth - 1; i > 0; i--) this.#free.push(memory.subarray(i * CHUNK, (i + 1) * CHUNK));
     this.#stage = memory.subarray(0, CHUNK);
     this.#start = start;
     this.#sink = { fh, direct, buffered: 0 };

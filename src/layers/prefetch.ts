@@ -15,7 +15,7 @@
  */
 import { open } from "node:fs/promises";
 import type { BlobTap, TappedLayer } from "../source/ingest.js";
-import { readTar } from "../tar/reader.js";
+import { readTar, type TarEntry } from "../tar/reader.js";
 import { openLayerStream } from "./decompress.js";
 import { Spool, SpoolBudget, spoolThrough } from "./files.js";
 import type { LayerEntry, LayerSink, TreeBuilder } from "./merge.js";
@@ -29,11 +29,32 @@ export interface PrefetchedLayer {
   merged: number | undefined;
 }
 
+/**
+ * Where pass 1 may write each layer's regular files as it reads them (src/fs/staging.ts), so the
+ * image is written beside decompression; a staged layer needs no spool and no pass 2 read.
+ */
+export interface Stager {
+  stageLayer(index: number): LayerStageSink;
+  /** Removes what was staged, unless the image took it over. */
+  discard(): Promise<void>;
+}
+
+export interface LayerStageSink {
+  /** Reads and writes a regular file's data; throws only what reading the layer throws. */
+  add(entry: TarEntry): Promise<void>;
+  /** The layer was read whole and verified. */
+  finish(): Promise<void>;
+  abandon(): Promise<void>;
+}
+
 /** Compressed bytes queued for a tap's reader before the download waits: two of ingest's pieces. */
 const QUEUE_BYTES = 1 << 20;
 
-export class HeaderPrefetch {
+export class HeaderPrefetch<S extends Stager = Stager> {
   readonly #spoolPrefix: string;
+  /** Makes the stager once the layer count is known (at the first tap); none: nothing is staged. */
+  readonly #makeStager: ((layers: number) => Promise<S | undefined>) | undefined;
+  #stager: Promise<S | undefined> | undefined;
   /** Shared with the export's own pass (LayerFiles), for the layers not tapped. */
   readonly budget: SpoolBudget;
   readonly #layers = new Map<string, Promise<PrefetchedLayer>>();
@@ -48,8 +69,14 @@ export class HeaderPrefetch {
    * Spools go to files named PREFIX-N, at most `spoolBudget` decompressed bytes over all layers;
    * layers are merged into `builder` as they are read, when given.
    */
-  constructor(opts: { spoolPrefix: string; spoolBudget: number; builder?: TreeBuilder | undefined }) {
+  constructor(opts: {
+    spoolPrefix: string;
+    spoolBudget: number;
+    builder?: TreeBuilder | undefined;
+    stager?: ((layers: number) => Promise<S | undefined>) | undefined;
+  }) {
     this.#spoolPrefix = opts.spoolPrefix;
+    this.#makeStager = opts.stager;
     this.budget = new SpoolBudget(opts.spoolBudget);
     this.builder = opts.builder;
   }
@@ -75,11 +102,17 @@ export class HeaderPrefetch {
     return p;
   }
 
-  /** Removes the spools nobody took. */
+  /** Where the layers' file data was staged, if anywhere (once every layer read has ended). */
+  get stager(): Promise<S | undefined> | undefined {
+    return this.#stager;
+  }
+
+  /** Removes the spools nobody took, and the staged data unless an image took it over. */
   async close(): Promise<void> {
     const left = [...this.#layers.values()];
     this.#layers.clear();
     for (const p of left) await (await p.catch(() => undefined))?.spool?.discard();
+    await (await this.#stager)?.discard();
   }
 
   async #read(layer: TappedLayer, queue: ChunkQueue): Promise<PrefetchedLayer> {
@@ -88,8 +121,10 @@ export class HeaderPrefetch {
     // An uncompressed layer is read from its blob by position (see files.ts): nothing to spool.
     // Without a spool file (no budget left, or it cannot be created), pass 2 decompresses again.
     const plain = layer.diffId === null || layer.diffId.toLowerCase() === layer.digest.toLowerCase();
+    if (this.#makeStager) this.#stager ??= this.#makeStager(layer.count).catch(() => undefined);
+    const stage = plain ? undefined : (await this.#stager)?.stageLayer(layer.index);
     const spool =
-      plain || this.budget.left <= 0
+      plain || stage || this.budget.left <= 0
         ? undefined
         : await open(file, "wx+").then(
             (fh) => new Spool(fh, file),
@@ -104,7 +139,9 @@ export class HeaderPrefetch {
       const tar = openLayerStream(queue, { diffId: layer.diffId ?? undefined, label });
       for await (const e of readTar(spool ? spoolThrough(tar, spool, this.budget) : tar, { label })) {
         merge.add({ header: e.header, offset: e.offset, stored: e.stored, sparse: e.sparse });
+        if (stage && e.header.type === "file") await stage.add(e);
       }
+      await stage?.finish();
       // Not its turn yet: the export merges it (and everything above), so the turn stops here.
       this.#waiting.delete(layer.index);
       const merged = merge.close();
@@ -114,6 +151,7 @@ export class HeaderPrefetch {
       // A layer that fails ends the turns: nothing above it is merged here.
       this.#waiting.delete(layer.index);
       await spool?.discard();
+      await stage?.abandon();
       throw err;
     } finally {
       queue.close();

@@ -9,7 +9,9 @@
 import { type FileHandle, open } from "node:fs/promises";
 import { KilnError } from "../../errors.js";
 import { DataStream, isZeroRange, openDirect } from "../datastream.js";
+import { ALL_BLOCKS, type BlockRun, mappedRuns, runBlocks, writeSparseBlocks } from "../file-blocks.js";
 import { layerRuns, writeRuns } from "../layer-runs.js";
+import type { Staging } from "../staging.js";
 import { TimeSlices } from "../time-slices.js";
 import {
   type ContentSource,
@@ -92,6 +94,11 @@ export interface Ext4Options {
    * by default mke2fs's size for the filesystem size. Its blocks count in the sizing.
    */
   journal?: boolean | { size?: number | undefined } | undefined;
+  /**
+   * The file data staged in `out` while the layers were read (../staging.ts): `out` is that file,
+   * and only the layers it did not stage are read from `content`.
+   */
+  staging?: Staging | undefined;
 }
 
 export interface Ext4Result {
@@ -139,7 +146,7 @@ interface Node {
   /** Directory blocks, or the one block of a slow symlink, or file data blocks. */
   blocks: number;
   /** Logical runs that have blocks: ALL_BLOCKS (0 to `blocks`) unless a sparse file's. */
-  mapped: readonly { logical: number; length: number }[];
+  mapped: readonly BlockRun[];
   extents: number;
   tree: number;
   indexed: boolean;
@@ -153,40 +160,12 @@ const NO_PLACEMENT: { readonly inline: readonly XattrEntry[]; readonly block: re
   block: Object.freeze([]),
 };
 
-/** The usual mapping, shared: every block from logical block 0 (marked by identity, not copied). */
-const ALL_BLOCKS: readonly { logical: number; length: number }[] = Object.freeze([]);
-
 function fail(code: "UNSUPPORTED_ARCHIVE" | "INTERNAL", message: string): never {
   throw new KilnError(code, message);
 }
 
-/** Logical block runs that hold data: everything, or for sparse files the blocks their regions touch. */
-function mappedRuns(inode: Inode): readonly { logical: number; length: number }[] {
-  const total = Math.ceil(inode.size / BLOCK_SIZE);
-  if (total === 0 || !inode.data) return [];
-  const sparse = inode.data.sparse;
-  if (!sparse) return ALL_BLOCKS;
-  const spans = sparse
-    .filter((r) => r.size > 0)
-    .map(
-      (r) =>
-        [
-          Math.floor(r.offset / BLOCK_SIZE),
-          Math.min(total, Math.ceil((r.offset + r.size) / BLOCK_SIZE)),
-        ] as const,
-    )
-    .sort((a, b) => a[0] - b[0]);
-  const runs: { logical: number; length: number }[] = [];
-  for (const [from, to] of spans) {
-    const last = runs[runs.length - 1];
-    if (last && from <= last.logical + last.length) last.length = Math.max(last.length, to - last.logical);
-    else if (to > from) runs.push({ logical: from, length: to - from });
-  }
-  return runs;
-}
-
 /** A node's mapped runs as a list (ALL_BLOCKS spelled out). */
-function logicalRuns(node: Node): readonly { logical: number; length: number }[] {
+function logicalRuns(node: Node): readonly BlockRun[] {
   if (node.mapped !== ALL_BLOCKS) return node.mapped;
   return node.blocks > 0 ? [{ logical: 0, length: node.blocks }] : [];
 }
@@ -308,11 +287,8 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
     } else if (inode.type === "symlink") {
       if (Buffer.byteLength(inode.target, "utf8") > FAST_SYMLINK_MAX) node.blocks = 1;
     } else if (inode.type === "file") {
-      node.mapped = mappedRuns(inode);
-      node.blocks =
-        node.mapped === ALL_BLOCKS
-          ? Math.ceil(inode.size / BLOCK_SIZE)
-          : node.mapped.reduce((s, r) => s + r.length, 0);
+      node.mapped = inode.data ? mappedRuns(inode.size, inode.data.sparse) : [];
+      node.blocks = runBlocks(inode.size, node.mapped);
     }
     node.extents = extentCount(logicalRuns(node));
     node.tree = treeBlocks(node.extents);
@@ -479,11 +455,12 @@ class BlockSink {
  */
 async function writeData(
   p: Plan,
+  files: Inode[],
   content: ContentSource,
   fh: FileHandle,
   direct: FileHandle | undefined,
 ): Promise<void> {
-  await writeRuns(layerRuns(p.files), async (files, stopped) => {
+  await writeRuns(layerRuns(files), async (files, stopped) => {
     const stream = new DataStream(fh, p.byInode.get(files[0]!)!.start * BLOCK_SIZE, direct);
     try {
       // Transient: every chunk is copied (into the data stream or a block) before the next is asked for.
@@ -498,7 +475,15 @@ async function writeData(
             fail("INTERNAL", `${pathOf(p.root, inode)}: content longer than its size ${inode.size}`);
         };
         if (inode.data?.sparse) {
-          await writeSparseFile(node, data, stream, check, () => pathOf(p.root, inode));
+          const runs = physicalRuns(node);
+          await writeSparseBlocks(
+            runs,
+            (run, logical) => (run.physical + logical - run.logical) * BLOCK_SIZE,
+            data,
+            stream,
+            check,
+            () => pathOf(p.root, inode),
+          );
         } else {
           await stream.seek(node.start * BLOCK_SIZE);
           for await (const chunk of data) {
@@ -516,46 +501,6 @@ async function writeData(
     }
     await stream.end();
   });
-}
-
-/** A sparse file, block by block: mapped blocks go to the stream, holes must be zeros. */
-async function writeSparseFile(
-  node: Node,
-  data: AsyncIterable<Buffer>,
-  stream: DataStream,
-  check: (chunk: Buffer) => void,
-  path: () => string,
-): Promise<void> {
-  const runs = physicalRuns(node);
-  const block = Buffer.alloc(BLOCK_SIZE);
-  let fill = 0;
-  let logical = 0;
-  let run = 0;
-  const flush = async () => {
-    block.fill(0, fill);
-    while (run < runs.length && runs[run]!.logical + runs[run]!.length <= logical) run++;
-    const r = runs[run];
-    if (!r || r.logical > logical) {
-      if (!isZeroRange(block, 0, BLOCK_SIZE))
-        fail("INTERNAL", `${path()}: data inside a hole of a sparse file`);
-    } else {
-      await stream.seek((r.physical + (logical - r.logical)) * BLOCK_SIZE);
-      await stream.put(block);
-    }
-    logical++;
-    fill = 0;
-  };
-  for await (const chunk of data) {
-    check(chunk);
-    let off = 0;
-    while (off < chunk.length) {
-      const n = chunk.copy(block, fill, off);
-      off += n;
-      fill += n;
-      if (fill === BLOCK_SIZE) await flush();
-    }
-  }
-  if (fill > 0) await flush();
 }
 
 /** Encodes node's inode into `buf` (its INODE_SIZE bytes of the inode table, zeroed). */
@@ -756,14 +701,22 @@ export async function writeExt4(
       };
   const p = plan(withLostFound, opts);
   const bytes = opts.size ?? p.geometry.blocks * BLOCK_SIZE;
-  const fh = await open(out, "w");
+  let files = p.files;
+  if (opts.staging) {
+    if (opts.staging.path !== out)
+      throw new KilnError("INTERNAL", `staged data is in ${opts.staging.path}, not ${out}`);
+    // The staged data moves to where the plan put it; the layers not staged are written below.
+    const unstaged = await opts.staging.place(files, (inode) => p.byInode.get(inode)!, bytes);
+    files = files.filter((inode) => unstaged.has(inode.data!.layer));
+  }
+  const fh = await open(out, opts.staging ? "r+" : "w");
   const direct = await openDirect(out);
   try {
     await fh.truncate(bytes);
     // Both to the end before the handles close; an error of the file data comes first (it names a file).
     let dataFailed = false;
     const [data, meta] = await Promise.allSettled([
-      writeData(p, content, fh, direct).catch((err: unknown) => {
+      writeData(p, files, content, fh, direct).catch((err: unknown) => {
         dataFailed = true;
         throw err;
       }),
