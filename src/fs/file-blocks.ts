@@ -45,6 +45,16 @@ export function mappedRuns(size: number, sparse: readonly Extent[] | undefined):
   return runs;
 }
 
+/** `runs` (a list, not ALL_BLOCKS) laid back to back from block `start`. */
+export function placeRuns(runs: readonly BlockRun[], start: number): (BlockRun & { physical: number })[] {
+  let next = start;
+  return runs.map((r) => {
+    const placed = { logical: r.logical, physical: next, length: r.length };
+    next += r.length;
+    return placed;
+  });
+}
+
 /** Blocks a file of `size` bytes takes with these runs. */
 export function runBlocks(size: number, runs: readonly BlockRun[]): number {
   return runs === ALL_BLOCKS ? Math.ceil(size / FILE_BLOCK) : runs.reduce((s, r) => s + r.length, 0);

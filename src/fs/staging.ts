@@ -16,11 +16,11 @@
  * abandoned (a write failed, it outgrew its region) is written by pass 2 too.
  */
 import { spawn } from "node:child_process";
-import { type FileHandle, open, rm } from "node:fs/promises";
+import { type FileHandle, open, rm, truncate } from "node:fs/promises";
 import { KilnError } from "../errors.js";
 import { materialize, type TarEntry } from "../tar/reader.js";
 import { DataStream, openDirect } from "./datastream.js";
-import { FILE_BLOCK, mappedRuns, runBlocks, writeSparseBlocks } from "./file-blocks.js";
+import { FILE_BLOCK, mappedRuns, placeRuns, runBlocks, writeSparseBlocks } from "./file-blocks.js";
 import type { Inode } from "./tree.js";
 
 /** The provisional file spans 8 TiB: under ext4's largest file (16 TiB at 4 KiB blocks), far under XFS's. */
@@ -86,14 +86,8 @@ export class LayerStage {
     const stream = this.#stream;
     try {
       if (entry.sparse) {
-        let next = start;
-        const placed = runs.map((r) => {
-          const p = { ...r, physical: next };
-          next += r.length;
-          return p;
-        });
         await writeSparseBlocks(
-          placed,
+          placeRuns(runs, start),
           (r, logical) => this.#base + (r.physical + logical - r.logical) * FILE_BLOCK,
           tagged(materialize(entry)),
           stream,
@@ -105,11 +99,8 @@ export class LayerStage {
         for await (const chunk of tagged(entry.data())) await stream.put(chunk);
       }
     } catch (err) {
-      if (err instanceof SourceError) {
-        await this.abandon();
-        throw err.error;
-      }
       await this.abandon();
+      if (err instanceof SourceError) throw err.error;
     }
   }
 
@@ -144,7 +135,9 @@ async function collapse(path: string, ranges: readonly (readonly [number, number
     child.stderr.setEncoding("utf8").on("data", (s: string) => {
       stderr += s;
     });
-    child.on("error", reject);
+    child.on("error", (err) =>
+      reject(new KilnError("STORE", `cannot move staged data in ${path}: ${err.message}`)),
+    );
     child.on("close", (code) => {
       if (code === 0) resolve();
       else
@@ -166,6 +159,7 @@ export class Staging {
   readonly #layers = new Map<number, LayerStage>();
   /** The writer took the file over (it is the image now): discard() leaves it alone. */
   #claimed = false;
+  #closed: Promise<void> | undefined;
 
   private constructor(path: string, fh: FileHandle, direct: FileHandle | undefined, spacing: number) {
     this.path = path;
@@ -223,51 +217,38 @@ export class Staging {
     this.#claimed = true;
     await this.#close();
     const unstaged = new Set<number>();
-    // Which layers can be placed: complete, and every live file staged with the writer's block count.
-    const found = new Map<number, number[]>();
+    const ranges: [number, number][] = [];
+    let shift = 0;
+    const cut = (want: number, at: number) => {
+      if (at < want) throw new KilnError("INTERNAL", `staged data of ${this.path} is below its place`);
+      if (at > want) ranges.push([want, at - want]);
+      shift += at - want;
+    };
     const layerOf = (k: number) => files[k]!.data!.layer;
     for (let i = 0; i < files.length; ) {
       const layer = layerOf(i);
       let j = i;
       while (j < files.length && layerOf(j) === layer) j++;
+      // Placed only when complete and every live file is staged with the writer's block count.
       const stage = this.#layers.get(layer);
       const rel =
         stage?.complete && bytes <= this.#spacing / 2 ? relStarts(stage, files, where, i, j) : undefined;
-      if (rel) found.set(layer, rel);
-      else unstaged.add(layer);
-      i = j;
-    }
-    const ranges: [number, number][] = [];
-    let shift = 0;
-    for (let i = 0; i < files.length; ) {
-      const layer = layerOf(i);
-      const rel = found.get(layer);
-      let j = i;
-      while (j < files.length && layerOf(j) === layer) j++;
-      if (rel) {
-        const base = (layer + 1) * this.#spacing;
-        const cut = (want: number, at: number) => {
-          if (at < want) throw new KilnError("INTERNAL", `staged data of layer ${layer} is below its place`);
-          if (at > want) ranges.push([want, at - want]);
-          shift += at - want;
-        };
-        for (let k = i; k < j; k++)
-          cut(where(files[k]!).start * FILE_BLOCK, base + rel[k - i]! * FILE_BLOCK - shift);
-        // Files after the last live one (later layers removed them): gone too.
-        const last = where(files[j - 1]!);
-        const end = (last.start + last.blocks) * FILE_BLOCK;
-        const stage = this.#layers.get(layer)!;
-        cut(end, end + (stage.used - rel[j - 1 - i]! - last.blocks) * FILE_BLOCK);
+      if (!stage || !rel) {
+        unstaged.add(layer);
+        i = j;
+        continue;
       }
+      const base = (layer + 1) * this.#spacing;
+      for (let k = i; k < j; k++)
+        cut(where(files[k]!).start * FILE_BLOCK, base + rel[k - i]! * FILE_BLOCK - shift);
+      // Files after the last live one (later layers removed them): gone too.
+      const last = where(files[j - 1]!);
+      const end = (last.start + last.blocks) * FILE_BLOCK;
+      cut(end, end + (stage.used - rel[j - 1 - i]! - last.blocks) * FILE_BLOCK);
       i = j;
     }
     await collapse(this.path, ranges);
-    const fh = await open(this.path, "r+");
-    try {
-      await fh.truncate(bytes);
-    } finally {
-      await fh.close();
-    }
+    await truncate(this.path, bytes);
     return unstaged;
   }
 
@@ -277,7 +258,12 @@ export class Staging {
     if (!this.#claimed) await rm(this.path, { force: true });
   }
 
-  async #close(): Promise<void> {
+  #close(): Promise<void> {
+    this.#closed ??= this.#closeOnce();
+    return this.#closed;
+  }
+
+  async #closeOnce(): Promise<void> {
     for (const stage of this.#layers.values()) if (!stage.complete) await stage.abandon();
     await this.#direct?.close().catch(() => {});
     await this.#fh.close().catch(() => {});

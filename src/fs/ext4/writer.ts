@@ -9,7 +9,14 @@
 import { type FileHandle, open } from "node:fs/promises";
 import { KilnError } from "../../errors.js";
 import { DataStream, isZeroRange, openDirect } from "../datastream.js";
-import { ALL_BLOCKS, type BlockRun, mappedRuns, runBlocks, writeSparseBlocks } from "../file-blocks.js";
+import {
+  ALL_BLOCKS,
+  type BlockRun,
+  mappedRuns,
+  placeRuns,
+  runBlocks,
+  writeSparseBlocks,
+} from "../file-blocks.js";
 import { layerRuns, writeRuns } from "../layer-runs.js";
 import type { Staging } from "../staging.js";
 import { TimeSlices } from "../time-slices.js";
@@ -171,13 +178,7 @@ function logicalRuns(node: Node): readonly BlockRun[] {
 }
 
 function physicalRuns(node: Node): Run[] {
-  const runs: Run[] = [];
-  let phys = node.start;
-  for (const r of logicalRuns(node)) {
-    runs.push({ logical: r.logical, physical: phys, length: r.length });
-    phys += r.length;
-  }
-  return runs;
+  return placeRuns(logicalRuns(node), node.start);
 }
 
 function dirEntries(dir: Inode, nodes: Map<Inode, Node>): DirEntry[] {
@@ -455,12 +456,12 @@ class BlockSink {
  */
 async function writeData(
   p: Plan,
-  files: Inode[],
+  toWrite: Inode[],
   content: ContentSource,
   fh: FileHandle,
   direct: FileHandle | undefined,
 ): Promise<void> {
-  await writeRuns(layerRuns(files), async (files, stopped) => {
+  await writeRuns(layerRuns(toWrite), async (files, stopped) => {
     const stream = new DataStream(fh, p.byInode.get(files[0]!)!.start * BLOCK_SIZE, direct);
     try {
       // Transient: every chunk is copied (into the data stream or a block) before the next is asked for.
