@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 TEST_PACKAGES=(docker-registry skopeo umoci erofs-utils e2fsprogs cpio busybox-static apache2-utils
   openssl kmod attr libcap2-bin tar gzip zstd ca-certificates qemu-system-x86
-  util-linux-extra debootstrap time curl) # fincore for the data stream test; the last three for `npm run bench`
+  util-linux-extra python3 debootstrap time curl) # fincore: the data stream test; python3: tar writers test; the last three: `npm run bench`
 
 # The boot tests' guest kernel: Debian's cloud kernel (the version linux-image-cloud-ARCH depends on),
 # unpacked into test/.cache/kernel (boot/vmlinuz-*, lib/modules/*; no depmod: kiln reads .modinfo).

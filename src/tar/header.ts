@@ -130,9 +130,13 @@ export function paddedSize(size: number): number {
   return Math.ceil(size / BLOCK_SIZE) * BLOCK_SIZE;
 }
 
-/** Data bytes that follow the header(s) of an entry in the archive (0 for links, devices, dirs). */
-export function entryDataSize(h: { type: EntryType; size: number }): number {
-  return HEADER_ONLY.has(h.type) ? 0 : h.size;
+/**
+ * Data bytes that follow the header(s) of an entry in the archive (0 for links, devices, dirs). The
+ * raw type decides, as in Go's archive/tar: an old-style file that a trailing "/" makes a directory
+ * still has its data skipped, so that data is never read as headers.
+ */
+export function entryDataSize(h: { typeflag: string; size: number }): number {
+  return HEADER_ONLY.has(TYPES[h.typeflag] ?? "other") ? 0 : h.size;
 }
 
 /** Whether the entry only carries data for the next one (PAX, GNU long name/link). */
@@ -259,9 +263,8 @@ function decodeBlock(block: Buffer, where: string): HeaderBlock {
     if (prefix) name = `${prefix}/${name}`;
   }
   const typeflag = String.fromCharCode(block[156]!);
-  let type: EntryType = TYPES[typeflag] ?? "other";
-  // v7 and some old writers mark directories only by a trailing slash.
-  if ((typeflag === "\0" || typeflag === "0") && name.endsWith("/")) type = "directory";
+  // Never classified by the name field here: a long name's first 100 bytes may end in "/" (see finish).
+  const type: EntryType = TYPES[typeflag] ?? "other";
   let sparse: SparseInfo | undefined;
   if (typeflag === "S") {
     // The old sparse map lives in GNU-only header fields; elsewhere they mean something else.
@@ -503,11 +506,14 @@ export class HeaderAssembler {
     this.local = undefined;
     this.longName = undefined;
     this.longLink = undefined;
+    // v7 marks a directory by a trailing slash on a type "\0" entry; only the final path can say
+    // so, and only for that type (Go's archive/tar and Python's tarfile agree; a "0" stays a file).
+    const type = h.typeflag === "\0" && path.endsWith("/") ? "directory" : h.type;
     return {
       path,
       linkpath,
       typeflag: h.typeflag,
-      type: h.type,
+      type,
       mode: h.mode,
       uid,
       gid,

@@ -87,7 +87,16 @@ describe("tar header blocks", () => {
     assert.equal(link.type, "hardlink");
     assert.equal(link.linkname, "a");
     assert.equal(entryDataSize(link), 0, "hardlinks carry no data even with a size field");
-    assert.equal(parseHeaderBlock(header({ name: "old/", typeflag: "\0", format: "v7" }))?.type, "directory");
+    // v7's trailing-slash directories are told from the final path, once long names are folded in.
+    const old = parseHeaderBlock(header({ name: "old/", typeflag: "\0", format: "v7", size: 5 }))!;
+    assert.equal(new HeaderAssembler().finish(old).type, "directory");
+    assert.equal(entryDataSize(old), 5, "an old-style file's data is skipped even when it names a directory");
+    const file = parseHeaderBlock(header({ name: "file/", typeflag: "0" }))!;
+    assert.equal(
+      new HeaderAssembler().finish(file).type,
+      "file",
+      "a trailing slash makes only a v7 file a directory",
+    );
     assert.equal(parseHeaderBlock(header({ typeflag: "7" }))?.type, "file");
     assert.equal(parseHeaderBlock(header({ typeflag: "V" }))?.type, "other");
     assert.throws(() => parseHeaderBlock(header({ typeflag: "S", format: "ustar" })), invalidArchive);
