@@ -6,6 +6,7 @@
  * Hardlinks are one Inode object under several names. Names are kept as JS strings (UTF-8 decoded
  * by the tar reader) and ordered by their UTF-8 bytes everywhere, so output is reproducible.
  */
+import { KilnError } from "../errors.js";
 
 export type FileType = "file" | "directory" | "symlink" | "char" | "block" | "fifo" | "socket";
 
@@ -65,6 +66,23 @@ export interface Inode {
   data: DataRef | undefined;
   /** Directories: name → inode (a name is one path component, never "", "." or ".."). */
   entries: Map<string, Inode> | undefined;
+}
+
+/** Largest uid or gid: ext4, EROFS and cpio all store ids in 32 bits. */
+export const MAX_ID = 0xffffffff;
+
+/**
+ * Refuses an owner no writer can store, naming the entry (`where`, e.g. `/usr/bin/x`): truncated, a
+ * uid of 2^32 would come out as root.
+ */
+export function checkOwner(inode: Inode, where: string): void {
+  const fits = (id: number) => Number.isInteger(id) && id >= 0 && id <= MAX_ID;
+  if (!fits(inode.uid) || !fits(inode.gid)) {
+    throw new KilnError(
+      "UNSUPPORTED_ARCHIVE",
+      `owner ${inode.uid}:${inode.gid} of ${where} is out of range (ids go up to ${MAX_ID})`,
+    );
+  }
 }
 
 /**

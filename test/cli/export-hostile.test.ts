@@ -4,11 +4,11 @@
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { mkdir, readdir, writeFile } from "node:fs/promises";
+import { mkdir, readdir, readFile, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
-import { base256, END, entry } from "../tar/fixtures.js";
+import { base256, END, entry, paxRecord } from "../tar/fixtures.js";
 import { assertFails, type Sandbox, sandbox } from "./kiln.js";
 
 const sha = (b: Buffer) => `sha256:${createHash("sha256").update(b).digest("hex")}`;
@@ -103,6 +103,58 @@ describe("kiln export of hostile layers", () => {
     await run("e2fsck", ["-fn", out]);
     assert.equal(await run("debugfs", ["-R", "cat /etc/evil", out]), "evil\n");
     assert.equal(await run("debugfs", ["-R", "cat /abs/file", out]), "abs\n");
+  });
+
+  it("safe result: a file's data is never read as headers (a long name whose field ends in `/`)", async () => {
+    // GNU tar's default format: the 150-byte path's first 100 bytes, in the name field, end in "/".
+    const src = join(work, "smuggle-src");
+    const dir = join(src, "a".repeat(99));
+    await mkdir(dir, { recursive: true });
+    await writeFile(join(src, "smuggled"), "#!/bin/sh\n");
+    await run("tar", [
+      "-C",
+      src,
+      "--owner=0",
+      "--group=0",
+      "--mode=4755",
+      "-cf",
+      join(work, "inner.tar"),
+      "smuggled",
+    ]);
+    const inner = await readFile(join(work, "inner.tar"));
+    await writeFile(join(dir, "b".repeat(50)), inner);
+    const outer = join(work, "smuggle.tar");
+    await run("tar", ["-C", src, "-cf", outer, "a".repeat(99)]);
+    const { out, result } = await exportLayer("smuggle", await readFile(outer));
+    assert.equal(result.code, 0, result.stderr);
+    await run("e2fsck", ["-fn", out]);
+    const path = `/${"a".repeat(99)}/${"b".repeat(50)}`;
+    assert.deepEqual(await run("debugfs", ["-R", `cat ${path}`, out], { binary: true }), inner);
+    assert.doesNotMatch(await run("debugfs", ["-R", "ls /", out]), /smuggled/);
+  });
+
+  it("UNSUPPORTED_ARCHIVE in every format: ids of 2^32 and above (never wrapped to root)", async () => {
+    const pax = (records: Buffer) => entry({ name: "PaxHeaders/x", typeflag: "x" }, records);
+    const tar = Buffer.concat([
+      pax(paxRecord("uid", String(2 ** 32))),
+      entry({ name: "usr/bin/suid", mode: 0o4755 }, Buffer.from("#!/bin/sh\n")),
+      pax(paxRecord("gid", String(2 ** 32 + 1000))),
+      entry({ name: "usr/bin/sgid", mode: 0o2755 }, Buffer.from("#!/bin/sh\n")),
+      END,
+    ]);
+    await box.kiln(["import", await layoutWith(join(work, "ids"), tar), "--tag", "hostile/ids:1"]);
+    for (const format of ["ext4", "erofs", "erofs-layers", "cpio"]) {
+      const out = join(work, `ids-${format}`);
+      const line = assertFails(
+        await box.kiln(["export", "hostile/ids:1", "--format", format, "-o", out]),
+        "UNSUPPORTED_ARCHIVE",
+      );
+      assert.match(
+        line,
+        /owner (4294967296:0 of \/usr\/bin\/suid|0:4294968296 of \/usr\/bin\/sgid) is out of range/,
+        format,
+      );
+    }
   });
 
   it("INVALID_ARCHIVE: a symlink to / then a write through it", async () => {

@@ -37,7 +37,15 @@ import { pipeline } from "node:stream/promises";
 import { createGzip } from "node:zlib";
 import { KilnError } from "../../errors.js";
 import { DataStream, openDirect } from "../datastream.js";
-import { type ContentSource, dataOrder, type Inode, linkCounts, type WalkItem, walk } from "../tree.js";
+import {
+  type ContentSource,
+  checkOwner,
+  dataOrder,
+  type Inode,
+  linkCounts,
+  type WalkItem,
+  walk,
+} from "../tree.js";
 import {
   encodeEntry,
   encodeTrailer,
@@ -138,6 +146,7 @@ function plan(root: Inode): Plan {
     const { inode, path } = item;
     // Deterministic inode numbers: walk order, from 1 (0 reads as "no inode" to some tools).
     if (!ino.has(inode)) ino.set(inode, ino.size + 1);
+    checkOwner(inode, display(path));
     if (inode.type === "file") {
       if (inode.size > MAX_FIELD) {
         throw new KilnError(

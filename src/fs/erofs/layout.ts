@@ -16,7 +16,7 @@
  * root with inode number 0 hides "." and ".." from readdir users that skip d_ino 0.
  */
 import { KilnError } from "../../errors.js";
-import { compareNames, type Inode, sortDataOrder } from "../tree.js";
+import { checkOwner, compareNames, type Inode, sortDataOrder } from "../tree.js";
 import { type DirEntry, type DirPlan, planDirBlocks } from "./dirent.js";
 import {
   COMPACT_SIZE,
@@ -267,11 +267,7 @@ export function planLayout(root: Inode, opts: LayoutOptions = {}): Layout {
       default:
         break;
     }
-    if (inode.uid > 0xffffffff || inode.gid > 0xffffffff || inode.uid < 0 || inode.gid < 0)
-      throw new KilnError(
-        "UNSUPPORTED_ARCHIVE",
-        `owner ${inode.uid}:${inode.gid} of /${pathOf(node)} is out of range`,
-      );
+    checkOwner(inode, `/${pathOf(node)}`);
     node.extended = !fitsCompact(
       {
         uid: inode.uid,

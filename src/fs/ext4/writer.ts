@@ -22,6 +22,7 @@ import type { Staging } from "../staging.js";
 import { TimeSlices } from "../time-slices.js";
 import {
   type ContentSource,
+  checkOwner,
   type Inode,
   MemoryContent,
   newInode,
@@ -245,6 +246,7 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
       ino = FIRST_INODE;
     else ino = nextIno++;
     const where = item.path === "" ? "/" : `/${item.path}`;
+    checkOwner(inode, where);
     if (inode.type === "symlink" && Buffer.byteLength(inode.target, "utf8") >= BLOCK_SIZE)
       fail("UNSUPPORTED_ARCHIVE", `${where}: symlink target longer than ${BLOCK_SIZE - 1} bytes`);
     if (inode.type === "file" && inode.data) files.push(inode);
