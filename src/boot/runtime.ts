@@ -6,6 +6,7 @@
  */
 import { KilnError } from "../errors.js";
 import type { Inode } from "../fs/tree.js";
+import { fromText } from "../io/bytestring.js";
 import { openImageTree, readImageFiles, resolveInTree } from "../layers/image.js";
 import { type ImageConfig, parseConfig } from "../registry/manifest.js";
 import type { ImageRecord } from "../store/catalog.js";
@@ -118,7 +119,7 @@ export function isSystemdImage(args: readonly string[], tree: Inode): boolean {
   const cmd = args[0];
   if (cmd === undefined || !cmd.startsWith("/")) return false;
   if (INIT_PATHS.includes(cmd)) return true;
-  const r = resolveInTree(tree, cmd);
+  const r = resolveInTree(tree, fromText(cmd));
   if (r === undefined) return false;
   return [r.path, ...r.via].some((p) => INIT_PATHS.includes(p));
 }

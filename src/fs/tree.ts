@@ -3,8 +3,9 @@
  * stay in its layer; the inode holds a reference (layer, offset in the uncompressed tar stream), and
  * writers read the bytes through a ContentSource in one sequential pass per layer.
  *
- * Hardlinks are one Inode object under several names. Names are kept as JS strings (UTF-8 decoded
- * by the tar reader) and ordered by their UTF-8 bytes everywhere, so output is reproducible.
+ * Hardlinks are one Inode object under several names. Names and symlink targets are byte strings
+ * (src/io/bytestring.ts): Linux names are bytes, not text, so the writers store exactly the bytes of
+ * the tar, and names sort by those bytes everywhere, so output is reproducible.
  */
 import { KilnError } from "../errors.js";
 
@@ -53,9 +54,9 @@ export interface Inode {
   /** Modification time, seconds and nanoseconds; writers use it for atime/ctime too. */
   mtime: number;
   mtimeNsec: number;
-  /** Logical size: a file's bytes, a symlink target's UTF-8 length, 0 otherwise. */
+  /** Logical size: a file's bytes, a symlink target's length in bytes, 0 otherwise. */
   size: number;
-  /** Symlink target, as written (absolute targets stay absolute). */
+  /** Symlink target, a byte string as written (absolute targets stay absolute). */
   target: string;
   /** Device numbers of char and block devices. */
   rdevMajor: number;
@@ -147,22 +148,9 @@ export function newInode(type: FileType, fields: Partial<Omit<Inode, "type">> = 
   return inode;
 }
 
-/** Byte-wise order of UTF-8 names: the order on-disk directories and reproducible walks use. */
+/** Byte order of names (byte strings): the order on-disk directories and reproducible walks use. */
 export function compareNames(a: string, b: string): number {
-  // UTF-8 byte order is code point order. UTF-16 code units follow it except that a surrogate
-  // (half of a code point above U+FFFF) sorts below U+E000–U+FFFF: the one case fixed up here.
-  // No buffers: this runs for every name of every directory of an image.
-  const n = Math.min(a.length, b.length);
-  for (let i = 0; i < n; i++) {
-    const x = a.charCodeAt(i);
-    const y = b.charCodeAt(i);
-    if (x === y) continue;
-    const xs = x >= 0xd800 && x <= 0xdfff;
-    const ys = y >= 0xd800 && y <= 0xdfff;
-    if (xs !== ys && (xs ? y : x) >= 0xe000) return xs ? 1 : -1;
-    return x - y;
-  }
-  return a.length - b.length;
+  return a < b ? -1 : a > b ? 1 : 0;
 }
 
 export interface WalkItem {
@@ -175,7 +163,7 @@ export interface WalkItem {
   readonly first: boolean;
 }
 
-/** A directory's names sorted by their bytes (no [name, inode] pair per entry). */
+/** A directory's names in byte order (no [name, inode] pair per entry). */
 export function sortedNames(dir: Inode): string[] {
   return dir.entries ? [...dir.entries.keys()].sort(compareNames) : [];
 }

@@ -9,6 +9,7 @@ import { posix } from "node:path";
 import type { Readable } from "node:stream";
 import { KilnError } from "../errors.js";
 import type { ContentSource, Inode } from "../fs/tree.js";
+import { fromText } from "../io/bytestring.js";
 import type { ImageRecord } from "../store/catalog.js";
 import type { Store } from "../store/store.js";
 import { readTar } from "../tar/reader.js";
@@ -113,7 +114,8 @@ export interface ResolvedPath {
 }
 
 /**
- * Resolves `path` in the tree as the kernel would inside a chroot at `root`: symlinks are followed
+ * Resolves `path` (a byte string, as the tree's names: fromText for text) in the tree as the kernel
+ * would inside a chroot at `root`: symlinks are followed
  * (absolute targets from the root, ".." stops at the root), the last component too unless
  * `followLast` is false. Missing entries, a non-directory in the middle or more than MAX_SYMLINKS
  * links → undefined.
@@ -210,7 +212,7 @@ export async function readImageFiles(
   const root = tree ?? (await openImageTree(store, image));
   const wanted = new Map<string, Inode>();
   for (const path of paths) {
-    const r = resolveInTree(root, path);
+    const r = resolveInTree(root, fromText(path));
     if (r?.inode.type !== "file") continue;
     if (r.inode.size > maxBytes) {
       throw new KilnError(

@@ -23,6 +23,7 @@
  */
 import { KilnError } from "../errors.js";
 import { type Extent, type Inode, inodeOf, NO_XATTRS, newInode } from "../fs/tree.js";
+import { quoteBytes } from "../io/bytestring.js";
 import type { TarHeader } from "../tar/header.js";
 import { classifyName, cleanPath, WHITEOUT_META_PREFIX, WHITEOUT_PREFIX } from "./paths.js";
 
@@ -73,7 +74,7 @@ function implicitDir(fixedTime: number): Inode {
   return newInode("directory", { mode: 0o755, uid: 0, gid: 0, mtime: fixedTime, mtimeNsec: 0 });
 }
 
-const q = JSON.stringify;
+const q = quoteBytes;
 
 /**
  * Flattened mode: N layers into one tree. Call `addLayer` (or `openLayer`/`close`) once per layer,
@@ -348,7 +349,7 @@ class LayerState {
       default:
         throw new KilnError(
           "UNSUPPORTED_ARCHIVE",
-          `layer ${this.layer}: entry ${q(path)} has tar type ${q(h.typeflag)}, which kiln does not know how to place`,
+          `layer ${this.layer}: entry ${q(path)} has tar type ${JSON.stringify(h.typeflag)}, which kiln does not know how to place`,
         );
     }
     const inode = inodeOf(type, h.mode & 0o7777, h.uid, h.gid, h.mtime, h.mtimeNsec, xattrs);
@@ -364,7 +365,7 @@ class LayerState {
       // Linux symlinks are always 0777; what the header says is meaningless.
       inode.mode = 0o777;
       inode.target = h.linkpath;
-      inode.size = Buffer.byteLength(h.linkpath, "utf8");
+      inode.size = h.linkpath.length; // a byte string: one character a byte
     } else if (type === "char" || type === "block") {
       inode.rdevMajor = h.devmajor;
       inode.rdevMinor = h.devminor;

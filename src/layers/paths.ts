@@ -3,6 +3,7 @@
  * the whiteout names of the OCI image spec (inherited from aufs).
  */
 import { KilnError } from "../errors.js";
+import { quoteBytes } from "../io/bytestring.js";
 
 /** `.wh.NAME` removes NAME from lower layers. */
 export const WHITEOUT_PREFIX = ".wh.";
@@ -16,12 +17,13 @@ const NAME_MAX = 255;
 
 /**
  * `./a//b/../c/` → `["a", "c"]`; `/abs` → `["abs"]`; `../../etc/x` → `["etc", "x"]` (`..` stops at
- * the root, as extraction into a chroot would). `[]` is the root itself. A NUL byte or a component
+ * the root, as extraction into a chroot would). `[]` is the root itself. Paths are byte strings
+ * (src/io/bytestring.ts), so 255 characters are 255 bytes. A NUL byte or a component
  * longer than 255 bytes → INVALID_ARCHIVE; `what` names the path in the message.
  */
 export function cleanPath(path: string, what = "path"): string[] {
   if (path.includes("\0")) {
-    throw new KilnError("INVALID_ARCHIVE", `${what} ${JSON.stringify(path)} contains a NUL byte`);
+    throw new KilnError("INVALID_ARCHIVE", `${what} ${quoteBytes(path)} contains a NUL byte`);
   }
   const out: string[] = [];
   for (const part of path.split("/")) {
@@ -30,10 +32,10 @@ export function cleanPath(path: string, what = "path"): string[] {
       out.pop();
       continue;
     }
-    if (Buffer.byteLength(part, "utf8") > NAME_MAX) {
+    if (part.length > NAME_MAX) {
       throw new KilnError(
         "INVALID_ARCHIVE",
-        `${what} ${JSON.stringify(path.slice(0, 300))} has a component longer than ${NAME_MAX} bytes`,
+        `${what} ${quoteBytes(path.slice(0, 300))} has a component longer than ${NAME_MAX} bytes`,
       );
     }
     out.push(part);

@@ -7,6 +7,7 @@ import { type FileHandle, open, stat } from "node:fs/promises";
 import { join, posix } from "node:path";
 import { Readable, Transform } from "node:stream";
 import { KilnError } from "../errors.js";
+import { fromText } from "../io/bytestring.js";
 import { normalizeMemberName, type TarIndexEntry } from "../tar/scan.js";
 
 export interface StreamOptions {
@@ -98,9 +99,10 @@ export class TarFiles implements ArchiveFiles {
     private readonly cleanup: () => Promise<void> = async () => {},
   ) {}
 
-  /** The regular-file entry a name leads to, or undefined. */
+  /** The regular-file entry a name (text, from the archive's JSON) leads to, or undefined. */
   private lookup(name: string): TarIndexEntry | undefined {
-    let key = normalizeMemberName(name);
+    // The index holds names as the tar does: byte strings.
+    let key = normalizeMemberName(fromText(name));
     for (let hop = 0; hop <= MAX_LINK_HOPS; hop++) {
       const e = this.index.get(key);
       if (e === undefined) return undefined;

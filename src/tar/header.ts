@@ -1,8 +1,8 @@
 /**
  * Tar header decoding: one 512-byte block at a time (ustar, GNU, v7), PAX extended headers and GNU
  * long names folded into the entry they describe. No I/O here: the scanner and the streaming reader
- * feed blocks and meta-entry data in and get plain headers out. Everything that is not a name or a
- * number stays bytes (xattr values are often binary: `security.capability`).
+ * feed blocks and meta-entry data in and get plain headers out. Names stay bytes, as byte strings
+ * (src/io/bytestring.ts); xattr values stay Buffers (often binary: `security.capability`).
  */
 import { KilnError } from "../errors.js";
 
@@ -68,6 +68,7 @@ export interface HeaderBlock {
 
 /** A complete entry header: the block with every extended header that preceded it applied. */
 export interface TarHeader {
+  /** The entry's path and link target as byte strings (src/io/bytestring.ts). */
   readonly path: string;
   readonly linkpath: string;
   readonly typeflag: string;
@@ -86,7 +87,7 @@ export interface TarHeader {
   readonly devminor: number;
   /** `SCHILY.xattr.*` and `LIBARCHIVE.xattr.*`: name → raw value bytes. */
   readonly xattrs: Map<string, Buffer>;
-  /** PAX records kiln does not interpret itself (e.g. `atime`, `GNU.sparse.*`), as text. */
+  /** PAX records kiln does not interpret itself (e.g. `atime`, `GNU.sparse.*`), as byte strings. */
   readonly pax: Map<string, string>;
   readonly sparse: SparseInfo | undefined;
   readonly format: HeaderFormat;
@@ -146,11 +147,11 @@ export function isMetaEntry(h: { type: EntryType }): boolean {
   );
 }
 
-/** Bytes up to the first NUL, as UTF-8. */
+/** Bytes up to the first NUL, as a byte string (names are bytes: src/io/bytestring.ts). */
 function text(block: Buffer, start: number, length: number): string {
   const field = block.subarray(start, start + length);
   const nul = field.indexOf(0);
-  return field.subarray(0, nul < 0 ? field.length : nul).toString("utf8");
+  return field.subarray(0, nul < 0 ? field.length : nul).toString("latin1");
 }
 
 /**
@@ -449,7 +450,8 @@ export class HeaderAssembler {
       } else if (r.key === "GNU.sparse.numbytes") {
         sparseSizes.push(paxInteger(r.key, r.value.toString("utf8")));
       } else {
-        const value = r.value.toString("utf8");
+        // Bytes, not text: a path needs no valid UTF-8 (GNU tar writes what the filesystem holds).
+        const value = r.value.toString("latin1");
         if (value === "") records.delete(r.key);
         else records.set(r.key, value);
       }
@@ -534,10 +536,10 @@ export class HeaderAssembler {
   }
 }
 
-/** GNU long name/link data: a NUL-terminated string (the NUL counted in the size). */
+/** GNU long name/link data: a NUL-terminated byte string (the NUL counted in the size). */
 function cString(data: Buffer): string {
   const nul = data.indexOf(0);
-  return data.subarray(0, nul < 0 ? data.length : nul).toString("utf8");
+  return data.subarray(0, nul < 0 ? data.length : nul).toString("latin1");
 }
 
 /** Recognizes GNU tar's PAX sparse formats (0.0, 0.1, 1.0) from the records of an entry. */

@@ -7,6 +7,7 @@
  * turns the stored regions back into the file's logical bytes.
  */
 import { isKilnError, KilnError } from "../errors.js";
+import { quoteBytes } from "../io/bytestring.js";
 import {
   BLOCK_SIZE,
   entryDataSize,
@@ -362,7 +363,7 @@ async function* entries(src: ByteSource, relabel: (err: unknown) => unknown): As
       continue;
     }
     const header = assembler.finish(block);
-    const name = JSON.stringify(header.path.slice(0, 200));
+    const name = quoteBytes(header.path.slice(0, 200));
     if (header.path.includes("\0") || header.linkpath.includes("\0")) {
       throw invalid(`entry at offset ${at}: NUL byte in its name or link target`);
     }

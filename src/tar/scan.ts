@@ -6,6 +6,7 @@
 import { type FileHandle, open } from "node:fs/promises";
 import { posix } from "node:path";
 import { isKilnError, KilnError } from "../errors.js";
+import { quoteBytes } from "../io/bytestring.js";
 import {
   BLOCK_SIZE,
   type EntryType,
@@ -137,14 +138,15 @@ async function scanHandle(reader: WindowReader): Promise<Map<string, TarIndexEnt
     if (header.sparse?.isExtended) {
       for (let more = true; more; ) {
         if (dataStart + BLOCK_SIZE > fileSize) {
-          throw truncated(`the sparse map of "${header.path}"`, dataStart + BLOCK_SIZE, fileSize);
+          throw truncated(`the sparse map of ${quoteBytes(header.path)}`, dataStart + BLOCK_SIZE, fileSize);
         }
         more = parseSparseExtension(await reader.read(dataStart, BLOCK_SIZE)).isExtended;
         dataStart += BLOCK_SIZE;
       }
     }
     const size = entryDataSize(header);
-    if (dataStart + size > fileSize) throw truncated(`member "${header.path}"`, dataStart + size, fileSize);
+    if (dataStart + size > fileSize)
+      throw truncated(`member ${quoteBytes(header.path)}`, dataStart + size, fileSize);
     entries.delete(name); // keep Map order = archive order of the surviving entries
     entries.set(name, {
       name,

@@ -9,6 +9,7 @@ import { pathOf, planLayout } from "../../src/fs/erofs/layout.js";
 import { crc32cRaw, SUPER_OFFSET } from "../../src/fs/erofs/superblock.js";
 import { writeErofs } from "../../src/fs/erofs/writer.js";
 import { type Inode, MemoryContent, newInode, walk } from "../../src/fs/tree.js";
+import { fromText, toText } from "../../src/io/bytestring.js";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
 import { diffTrees, type EntryFacts, snapshotTree } from "../helpers/treecompare.js";
 
@@ -122,11 +123,11 @@ function sample(): Sample {
   );
 
   put(root, "n".repeat(255), file(3));
-  put(root, "naïve-ünïcödé-名前-😀", file(4));
+  put(root, fromText("naïve-ünïcödé-名前-😀"), file(4));
   put(root, "-dash", file(1)); // sorts before "."
   // UTF-16 puts a surrogate (U+1F600's first half) before U+E000; UTF-8, the kernel's lookup order, after.
-  put(root, "\u{E000}-private", file(1));
-  put(root, "\u{1F600}", file(1));
+  put(root, fromText("\u{E000}-private"), file(1));
+  put(root, fromText("\u{1F600}"), file(1));
   return { root, content, bytes: bytesOf };
 }
 
@@ -152,8 +153,10 @@ function expectedFacts(s: Sample): Map<string, EntryFacts> {
     } else if (i.type === "char" || i.type === "block") {
       f.rdev = `${i.rdevMajor}:${i.rdevMinor}`;
     }
-    if (i.type !== "directory") names.set(i, [...(names.get(i) ?? []), item.path]);
-    facts.set(item.path, f);
+    // Tree names are byte strings; the mounted tree's are text.
+    const path = toText(item.path)!;
+    if (i.type !== "directory") names.set(i, [...(names.get(i) ?? []), path]);
+    facts.set(path, f);
   }
   for (const list of names.values()) {
     if (list.length < 2) continue;

@@ -7,6 +7,7 @@ import { after, before, describe, it } from "node:test";
 import { isKilnError, KilnError } from "../../src/errors.js";
 import { createEmptyExt4, writeExt4 } from "../../src/fs/ext4/writer.js";
 import { type ContentSource, type Inode, MemoryContent, newInode, walk } from "../../src/fs/tree.js";
+import { fromText, toText } from "../../src/io/bytestring.js";
 import { pseudoRandomBytes as bytes } from "../helpers/bytes.js";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
 import { diffTrees, type EntryFacts, snapshotTree } from "../helpers/treecompare.js";
@@ -169,7 +170,7 @@ function sample(): Sample {
 
   const names = add(root, "names", dir());
   add(names, "n".repeat(255), file(Buffer.from("255")));
-  add(names, "héllo wörld – 名前 ✓", file(Buffer.from("utf-8")));
+  add(names, fromText("héllo wörld – 名前 ✓"), file(Buffer.from("utf-8")));
   add(names, "with\nnewline", file(Buffer.from("nl")));
 
   // 5000 entries: an htree with one index level.
@@ -206,8 +207,10 @@ function expectedFacts(s: Sample): Map<string, EntryFacts> {
     }
     if (i.type === "symlink") f.target = i.target;
     if (i.type === "char" || i.type === "block") f.rdev = `${i.rdevMajor}:${i.rdevMinor}`;
-    if (i.type !== "directory") names.set(i, [...(names.get(i) ?? []), item.path]);
-    facts.set(item.path, f);
+    // Tree names are byte strings; the mounted tree's are text.
+    const path = toText(item.path)!;
+    if (i.type !== "directory") names.set(i, [...(names.get(i) ?? []), path]);
+    facts.set(path, f);
   }
   for (const list of names.values()) {
     if (list.length < 2) continue;

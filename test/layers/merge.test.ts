@@ -4,6 +4,7 @@ import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { isKilnError } from "../../src/errors.js";
 import { type Inode, linkCounts, walk } from "../../src/fs/tree.js";
+import { fromText, showBytes } from "../../src/io/bytestring.js";
 import {
   buildLayerTree,
   type LayerEntry,
@@ -60,8 +61,9 @@ const TYPEFLAGS: Partial<Record<EntryType, string>> = {
 function e(path: string, s: Spec = {}): LayerEntry {
   const type = s.type ?? (path.endsWith("/") ? "directory" : "file");
   const header: TarHeader = {
-    path,
-    linkpath: s.link ?? "",
+    // Headers carry names as byte strings (the tar reader's fromText of text).
+    path: fromText(path),
+    linkpath: fromText(s.link ?? ""),
     typeflag: s.typeflag ?? TYPEFLAGS[type] ?? "?",
     type,
     mode: s.mode ?? (type === "directory" ? 0o755 : 0o644),
@@ -93,9 +95,10 @@ async function merge(...layers: LayerEntry[][]): Promise<Inode> {
   return b.finish();
 }
 
+/** The inode at `path` (text: tree names are its UTF-8 bytes as byte strings). */
 function at(root: Inode, path: string): Inode | undefined {
   let node: Inode | undefined = root;
-  for (const c of path.split("/").filter(Boolean)) node = node?.entries?.get(c);
+  for (const c of fromText(path).split("/").filter(Boolean)) node = node?.entries?.get(c);
   return node;
 }
 
@@ -105,15 +108,16 @@ function get(root: Inode, path: string): Inode {
   return n;
 }
 
-/** Every path with a short description, for whole-tree comparisons. */
+/** Every path with a short description, for whole-tree comparisons (names shown as text). */
 function listing(root: Inode): string[] {
   return [...walk(root)]
     .filter((w) => w.path !== "")
     .map((w) => {
       const n = w.inode;
-      if (n.type === "file") return `${w.path} file@${n.data ? `${n.data.layer}:${n.data.offset}` : "-"}`;
-      if (n.type === "symlink") return `${w.path} -> ${n.target}`;
-      return `${w.path} ${n.type}`;
+      const path = showBytes(w.path);
+      if (n.type === "file") return `${path} file@${n.data ? `${n.data.layer}:${n.data.offset}` : "-"}`;
+      if (n.type === "symlink") return `${path} -> ${showBytes(n.target)}`;
+      return `${path} ${n.type}`;
     });
 }
 
@@ -147,7 +151,11 @@ describe("cleanPath", () => {
       () => cleanPath(`d/${"x".repeat(256)}`),
       (err) => isKilnError(err, "INVALID_ARCHIVE"),
     );
-    assert.deepEqual(cleanPath(`d/${"é".repeat(127)}`).length, 2); // 254 bytes
+    assert.deepEqual(cleanPath(fromText(`d/${"é".repeat(127)}`)).length, 2); // 254 bytes
+    assert.throws(
+      () => cleanPath(fromText(`d/${"é".repeat(128)}`)), // 256 bytes
+      (err) => isKilnError(err, "INVALID_ARCHIVE"),
+    );
   });
 
   test("classifyName", () => {

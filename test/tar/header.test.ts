@@ -5,6 +5,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { isKilnError } from "../../src/errors.js";
+import { fromText } from "../../src/io/bytestring.js";
 import {
   checksumMatches,
   entryDataSize,
@@ -130,7 +131,7 @@ describe("tar header blocks", () => {
       signed += b > 127 ? b - 256 : b;
     }
     block.write(`${signed.toString(8).padStart(6, "0")}\0 `, 148, "latin1");
-    assert.equal(parseHeaderBlock(block)?.name, "\u00e9t\u00e9");
+    assert.equal(parseHeaderBlock(block)?.name, fromText("\u00e9t\u00e9"), "names are byte strings");
   });
 
   test("numeric fields: octal padding, base-256, garbage", () => {
@@ -219,11 +220,11 @@ describe("PAX extended headers", () => {
     const [h] = readAll(archive);
     assert.ok(h);
     assert.equal(h.path, longPath);
-    assert.equal(h.linkpath, "t\u00e4rget");
+    assert.equal(h.linkpath, fromText("t\u00e4rget"));
     assert.equal(h.size, 5);
     assert.equal(h.uid, 4294967294);
     assert.equal(h.gid, 70000);
-    assert.equal(h.uname, "\u00fcser");
+    assert.equal(h.uname, fromText("\u00fcser"));
     assert.equal(h.gname, "grp");
     assert.equal(h.mtime, 1_700_000_000);
     assert.equal(h.mtimeNsec, 123_456_789);

@@ -19,6 +19,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { isKilnError } from "../../src/errors.js";
+import { toText } from "../../src/io/bytestring.js";
 import { materialize, readTar, sparseContent, type TarEntry } from "../../src/tar/reader.js";
 import { base256, END, entry, header, pad, paxRecord } from "./fixtures.js";
 
@@ -120,7 +121,8 @@ function checkAgainstSource(
 ): void {
   const paths = new Set<string>();
   for (const { entry: e, sha256: digest, length } of seen) {
-    const rel = e.header.path.replace(/^\.\/?/, "").replace(/\/$/, "");
+    // Header names are byte strings; the source tree's names are text.
+    const rel = toText(e.header.path.replace(/^\.\/?/, "").replace(/\/$/, ""))!;
     paths.add(rel);
     const source = join(root, rel);
     const st = lstatSync(source);
@@ -128,7 +130,7 @@ function checkAgainstSource(
     if (st.isDirectory()) assert.equal(t, "directory", rel);
     else if (st.isSymbolicLink()) {
       assert.equal(t, "symlink", rel);
-      assert.equal(e.header.linkpath, readlinkSync(source));
+      assert.equal(toText(e.header.linkpath), readlinkSync(source));
     } else if (st.isFIFO()) assert.equal(t, "fifo", rel);
     else if (t === "hardlink") {
       assert.equal(e.stored, 0);

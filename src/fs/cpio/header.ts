@@ -4,6 +4,7 @@
  * then the data, zeros up to a multiple of 4. The archive ends with an entry named TRAILER!!!.
  */
 import { KilnError } from "../../errors.js";
+import { showBytes } from "../../io/bytestring.js";
 import { type FileType, modeWord } from "../tree.js";
 
 export const NEWC_MAGIC = "070701";
@@ -32,7 +33,7 @@ export interface NewcEntry {
   filesize: number;
   rdevMajor: number;
   rdevMinor: number;
-  /** The path, without the NUL (written as UTF-8). */
+  /** The path, a byte string (src/io/bytestring.ts), without the NUL. */
   name: string;
 }
 
@@ -56,7 +57,7 @@ function hex8(out: Buffer, index: number, value: number, name: string): void {
   if (!Number.isInteger(value) || value < 0 || value > MAX_FIELD) {
     throw new KilnError(
       "INVALID_ARGUMENT",
-      `cpio: ${LABELS[index]} ${value} of /${name} does not fit a newc header field (0..${MAX_FIELD})`,
+      `cpio: ${LABELS[index]} ${value} of /${showBytes(name)} does not fit a newc header field (0..${MAX_FIELD})`,
     );
   }
   const at = NEWC_MAGIC.length + 8 * index;
@@ -74,15 +75,15 @@ function hex8(out: Buffer, index: number, value: number, name: string): void {
  */
 export function encodeEntry(e: NewcEntry, out: Buffer): number {
   if (e.name.includes("\0")) {
-    throw new KilnError("INVALID_ARGUMENT", `cpio: name /${e.name} contains a NUL byte`);
+    throw new KilnError("INVALID_ARGUMENT", `cpio: name /${showBytes(e.name)} contains a NUL byte`);
   }
-  const nameLength = Buffer.byteLength(e.name, "utf8");
+  const nameLength = e.name.length; // a byte string: one character a byte
   const namesize = nameLength + 1;
   const total = HEADER_SIZE + namesize + pad4(HEADER_SIZE + namesize);
   if (total > out.length) {
-    throw new KilnError("INTERNAL", `cpio: no room for the header of /${e.name.slice(0, 80)}`);
+    throw new KilnError("INTERNAL", `cpio: no room for the header of /${showBytes(e.name.slice(0, 80))}`);
   }
-  out.write(e.name, HEADER_SIZE, "utf8");
+  out.write(e.name, HEADER_SIZE, "latin1");
   MAGIC.copy(out, 0);
   const fields = [e.ino, e.mode, e.uid, e.gid, e.nlink, e.mtime, e.filesize, 0, 0, e.rdevMajor, e.rdevMinor];
   for (let i = 0; i < fields.length; i++) hex8(out, i, fields[i]!, e.name);

@@ -36,6 +36,7 @@ import { open, unlink } from "node:fs/promises";
 import { pipeline } from "node:stream/promises";
 import { createGzip } from "node:zlib";
 import { KilnError } from "../../errors.js";
+import { showBytes, toBytes } from "../../io/bytestring.js";
 import { DataStream, openDirect } from "../datastream.js";
 import {
   type ContentSource,
@@ -136,7 +137,7 @@ interface Plan {
   nlink: Map<Inode, number>;
 }
 
-const display = (path: string): string => `/${path}`;
+const display = (path: string): string => `/${showBytes(path)}`;
 
 function plan(root: Inode): Plan {
   const items = [...walk(root)];
@@ -161,7 +162,7 @@ function plan(root: Inode): Plan {
       // The last name wins: later names overwrite earlier ones.
       if (inode.data) dataPath.set(inode, path);
     }
-    const nameBytes = Buffer.byteLength(path === "" ? "." : path, "utf8") + 1;
+    const nameBytes = (path === "" ? 1 : path.length) + 1; // a byte string: one character a byte
     if (nameBytes > KERNEL_PATH_MAX) {
       throw new KilnError(
         "TOO_LARGE",
@@ -169,7 +170,7 @@ function plan(root: Inode): Plan {
         { details: { path: display(path) } },
       );
     }
-    if (inode.type === "symlink" && Buffer.byteLength(inode.target, "utf8") > KERNEL_PATH_MAX) {
+    if (inode.type === "symlink" && inode.target.length > KERNEL_PATH_MAX) {
       throw new KilnError(
         "TOO_LARGE",
         `cpio: symlink ${display(path)} has a target over ${KERNEL_PATH_MAX} bytes, which the kernel skips`,
@@ -223,7 +224,7 @@ async function writeArchive(
 
   for (const { inode, path } of p.metadata) {
     if (inode.type === "symlink") {
-      const target = Buffer.from(inode.target, "utf8");
+      const target = toBytes(inode.target);
       await header(inode, path, target.length);
       await put(target);
       await put(ZEROS, 0, pad4(target.length));

@@ -9,9 +9,9 @@ import { BLOCK_SIZE } from "./superblock.js";
 export const DIRENT_SIZE = 12;
 
 export interface DirEntry {
-  /** Encoded as UTF-8 when the block is: a Buffer per name held for the whole write weighed about 100 bytes. */
+  /** A byte string (src/io/bytestring.ts), encoded when the block is: a Buffer per name held for the whole write adds up. */
   name: string;
-  /** The name's UTF-8 length. */
+  /** The name's length in bytes. */
   bytes: number;
   type: number;
   nid: number;
@@ -59,7 +59,7 @@ export function encodeDirBlock(
     buf.writeUInt16LE(nameoff, d + 8);
     buf.writeUInt8(e.type, d + 10);
     buf.writeUInt8(0, d + 11);
-    buf.write(e.name, off + nameoff, e.bytes, "utf8");
+    buf.write(e.name, off + nameoff, e.bytes, "latin1");
     nameoff += e.bytes;
   }
   return nameoff;

@@ -16,6 +16,7 @@
  * root with inode number 0 hides "." and ".." from readdir users that skip d_ino 0.
  */
 import { KilnError } from "../../errors.js";
+import { quoteBytes, showBytes, toBytes } from "../../io/bytestring.js";
 import { checkOwner, compareNames, type Inode, sortDataOrder } from "../tree.js";
 import { type DirEntry, type DirPlan, planDirBlocks } from "./dirent.js";
 import {
@@ -78,7 +79,7 @@ export interface DirRef extends DirEntry {
 export function pathOf(node: Node | undefined, child?: string): string {
   const names = child === undefined ? [] : [child];
   for (let n = node; n?.parent; n = n.parent) names.push(n.name);
-  return names.reverse().join("/");
+  return showBytes(names.reverse().join("/"));
 }
 
 export interface Layout {
@@ -109,11 +110,11 @@ export const inodeSize = (n: Node): number => (n.extended ? EXTENDED_SIZE : COMP
 
 /** A directory entry's name's length as stored; `dir` is the parent's node, for the message. */
 function checkName(name: string, dir: Node): number {
-  const bytes = Buffer.byteLength(name, "utf8");
+  const bytes = name.length; // a byte string: one character a byte
   if (bytes === 0 || bytes > MAX_NAME || name === "." || name === ".." || /[/\0]/.test(name))
     throw new KilnError(
       "INVALID_ARGUMENT",
-      `name ${JSON.stringify(name)} in /${pathOf(dir)} cannot be stored in EROFS (1-255 bytes, no / or NUL)`,
+      `name ${quoteBytes(name)} in /${pathOf(dir)} cannot be stored in EROFS (1-255 bytes, no / or NUL)`,
     );
   return bytes;
 }
@@ -247,7 +248,7 @@ export function planLayout(root: Inode, opts: LayoutOptions = {}): Layout {
         break;
       }
       case "symlink":
-        node.target = Buffer.from(inode.target, "utf8");
+        node.target = toBytes(inode.target);
         if (node.target.length > MAX_SYMLINK)
           throw new KilnError(
             "UNSUPPORTED_ARCHIVE",

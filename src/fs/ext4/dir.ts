@@ -90,7 +90,7 @@ function fitsOneBlock(entries: readonly DirEntry[]): boolean {
 export function namesFitOneBlock(names: Iterable<string>): boolean {
   let used = 12 + 12;
   for (const name of names) {
-    used += recLen(Buffer.byteLength(name, "utf8"));
+    used += recLen(name.length); // a byte string: one character a byte
     if (used > LEAF_SPACE) return false;
   }
   return true;

@@ -8,6 +8,7 @@
 
 import { type FileHandle, open } from "node:fs/promises";
 import { KilnError } from "../../errors.js";
+import { showBytes, toBytes } from "../../io/bytestring.js";
 import { DataStream, isZeroRange, openDirect } from "../datastream.js";
 import {
   ALL_BLOCKS,
@@ -185,13 +186,13 @@ function physicalRuns(node: Node): Run[] {
 function dirEntries(dir: Inode, nodes: Map<Inode, Node>): DirEntry[] {
   return sortedNames(dir).map((name) => {
     const child = dir.entries!.get(name)!;
-    return { name: Buffer.from(name, "utf8"), ino: nodes.get(child)!.ino, type: DIRENT_TYPES[child.type] };
+    return { name: toBytes(name), ino: nodes.get(child)!.ino, type: DIRENT_TYPES[child.type] };
   });
 }
 
 /** Where `inode` is in the tree, for the rare error about it (nodes keep no path: one per inode adds up). */
 function pathOf(root: Inode, inode: Inode): string {
-  for (const item of walk(root)) if (item.inode === inode) return `/${item.path}`;
+  for (const item of walk(root)) if (item.inode === inode) return `/${showBytes(item.path)}`;
   return "(not in the tree)";
 }
 
@@ -235,19 +236,22 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
     const inode = item.inode;
     if (!item.first) {
       if (inode.type !== "directory" && ++byInode.get(inode)!.links > MAX_LINKS)
-        fail("UNSUPPORTED_ARCHIVE", `/${item.path}: more than ${MAX_LINKS} hard links to one file`);
+        fail(
+          "UNSUPPORTED_ARCHIVE",
+          `/${showBytes(item.path)}: more than ${MAX_LINKS} hard links to one file`,
+        );
       continue;
     }
-    if (Buffer.byteLength(item.name, "utf8") > 255)
-      fail("UNSUPPORTED_ARCHIVE", `${item.path}: name longer than 255 bytes`);
+    if (item.name.length > 255)
+      fail("UNSUPPORTED_ARCHIVE", `/${showBytes(item.path)}: name longer than 255 bytes`);
     let ino: number;
     if (item.parent === undefined) ino = ROOT_INODE;
     else if (item.parent === withLostFound && item.name === LOST_FOUND && inode.type === "directory")
       ino = FIRST_INODE;
     else ino = nextIno++;
-    const where = item.path === "" ? "/" : `/${item.path}`;
+    const where = `/${showBytes(item.path)}`;
     checkOwner(inode, where);
-    if (inode.type === "symlink" && Buffer.byteLength(inode.target, "utf8") >= BLOCK_SIZE)
+    if (inode.type === "symlink" && inode.target.length >= BLOCK_SIZE)
       fail("UNSUPPORTED_ARCHIVE", `${where}: symlink target longer than ${BLOCK_SIZE - 1} bytes`);
     if (inode.type === "file" && inode.data) files.push(inode);
     // Most inodes have no attributes: they share one empty placement instead of three arrays each.
@@ -288,7 +292,7 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
       node.blocks = d.blocks;
       node.indexed = d.indexed;
     } else if (inode.type === "symlink") {
-      if (Buffer.byteLength(inode.target, "utf8") > FAST_SYMLINK_MAX) node.blocks = 1;
+      if (inode.target.length > FAST_SYMLINK_MAX) node.blocks = 1;
     } else if (inode.type === "file") {
       node.mapped = inode.data ? mappedRuns(inode.size, inode.data.sparse) : [];
       node.blocks = runBlocks(inode.size, node.mapped);
@@ -523,8 +527,8 @@ function encodeNode(p: Plan, node: Node, buf: Buffer): void {
     if (inode.type === "directory") size = node.blocks * BLOCK_SIZE;
   }
   if (inode.type === "symlink") {
-    size = Buffer.byteLength(inode.target, "utf8");
-    if (node.blocks === 0) buf.write(inode.target, I_BLOCK, I_BLOCK_SIZE, "utf8");
+    size = inode.target.length;
+    if (node.blocks === 0) buf.write(inode.target, I_BLOCK, I_BLOCK_SIZE, "latin1");
   } else if (inode.type === "char" || inode.type === "block") {
     writeDeviceBlock(buf, I_BLOCK, inode.rdevMajor, inode.rdevMinor);
   } else if (inode.type !== "file" && inode.type !== "directory") {
@@ -611,7 +615,7 @@ async function writeMetadata(
       for (let i = 0; i < d.blocks.length; i++) sink.put(node.start + i, d.blocks[i]!);
     } else if (inode.type === "symlink" && node.blocks > 0) {
       const b = Buffer.alloc(BLOCK_SIZE);
-      b.write(inode.target, "utf8");
+      b.write(inode.target, "latin1");
       sink.put(node.start, b);
     }
     if (node.tree > 0) {
