@@ -207,7 +207,7 @@ describe("openLayerStream", () => {
 
 describe("a decompression bomb", () => {
   const BOMB = 256 << 20;
-  // Few MiB: a chunk being filled, the gzip read-ahead, a chunk in flight. All of it is far less.
+  // A few MiB (a chunk being filled, gzip's read-ahead, a chunk in flight); holding the bomb is 256.
   const BOUND = 8 << 20;
   setFlagsFromString("--expose-gc");
   const gc = runInNewContext("gc") as () => void;
@@ -251,14 +251,14 @@ describe("a decompression bomb", () => {
         assert.ok(!r.done);
         assert.ok(r.value.length <= OUTPUT_CHUNK, `chunk of ${r.value.length} bytes`);
       }
-      // The consumer stops pulling. gzip inflates on the thread pool: give it as many chances to run
-      // ahead as it would have with thread-pool round trips of our own (each one a step of its).
+      // The consumer stops pulling. gzip inflates on the thread pool: 64 thread-pool round trips of
+      // our own give it as many chances to inflate one more chunk, were it not waiting for us.
       for (let i = 0; i < 64; i++) await gunzipAsync(tinyGzip);
       const held = (await liveBuffers()) - before;
       await it.return(undefined);
       assert.ok(held < BOUND, `${held} bytes held after 4 chunks were taken`);
 
-      // Read to the end, the whole bomb comes out (the chunks are kept: none is reused).
+      // Read to the end, the whole bomb comes out, in full chunks.
       let total = 0;
       let largest = 0;
       for await (const c of openLayerStream(chunks(bomb, 64 << 10))) {
