@@ -5,8 +5,12 @@ import { createReadStream, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
+import { promisify } from "node:util";
+import { setFlagsFromString } from "node:v8";
+import { runInNewContext } from "node:vm";
+import { gunzip } from "node:zlib";
 import { isKilnError } from "../../src/errors.js";
-import { openLayerStream, sniffCompression } from "../../src/layers/decompress.js";
+import { OUTPUT_CHUNK, openLayerStream, sniffCompression } from "../../src/layers/decompress.js";
 import { readTar } from "../../src/tar/reader.js";
 
 let dir: string;
@@ -67,6 +71,18 @@ before(() => {
       execFileSync("zstd", ["-c", "-q"], { input: tar.subarray(12345), maxBuffer: 64 << 20 }),
     ]),
   );
+  // A frame, a skippable frame (magic 0x184D2A5?, little-endian length, payload), a frame.
+  const skippable = Buffer.alloc(8 + 100, 0x77);
+  skippable.writeUInt32LE(0x184d2a53, 0);
+  skippable.writeUInt32LE(100, 4);
+  blobs.set(
+    "zstd-skippable",
+    Buffer.concat([
+      execFileSync("zstd", ["-c", "-q"], { input: tar.subarray(0, 54321) }),
+      skippable,
+      execFileSync("zstd", ["-c", "-q"], { input: tar.subarray(54321), maxBuffer: 64 << 20 }),
+    ]),
+  );
   for (const [name, blob] of blobs) writeFileSync(join(dir, name), blob);
 });
 
@@ -80,7 +96,7 @@ describe("openLayerStream", () => {
     assert.equal(sniffCompression(Buffer.alloc(0)), "none");
   });
 
-  for (const kind of ["none", "gzip", "zstd", "gzip-multi", "zstd-multi"]) {
+  for (const kind of ["none", "gzip", "zstd", "gzip-multi", "zstd-multi", "zstd-skippable"]) {
     test(`${kind}: the uncompressed bytes come out and match the diff ID`, async () => {
       const fromIterable = await collect(openLayerStream(chunks(blobs.get(kind)!), { diffId }));
       assert.ok(fromIterable.equals(tar));
@@ -187,4 +203,70 @@ describe("openLayerStream", () => {
       assert.ok(stream.destroyed, `${kind}: input destroyed`);
     }
   });
+});
+
+describe("a decompression bomb", () => {
+  const BOMB = 256 << 20;
+  // A few MiB (a chunk being filled, gzip's read-ahead, a chunk in flight); holding the bomb is 256.
+  const BOUND = 8 << 20;
+  setFlagsFromString("--expose-gc");
+  const gc = runInNewContext("gc") as () => void;
+  /**
+   * Bytes in live buffers: garbage collected first, so only what something still holds counts. V8
+   * frees buffer memory on a thread of its own after a collection: collect until the count holds.
+   */
+  const liveBuffers = async () => {
+    let last = -1;
+    for (let i = 0; i < 20; i++) {
+      gc();
+      await new Promise((resolve) => setImmediate(resolve));
+      const now = process.memoryUsage().arrayBuffers;
+      if (now === last) return now;
+      last = now;
+    }
+    return last;
+  };
+  const bombs = new Map<string, Buffer>();
+  const gunzipAsync = promisify(gunzip);
+  let tinyGzip: Buffer;
+
+  before(() => {
+    const zeros = (cmd: string, size: number) =>
+      execFileSync("sh", ["-c", `head -c ${size} /dev/zero | ${cmd}`], { maxBuffer: 64 << 20 });
+    bombs.set("zstd", zeros("zstd -q -c -19", BOMB));
+    // gzip tops out near 1000:1 and is slow on a whole bomb: the same member 8 times over.
+    bombs.set("gzip", Buffer.concat(Array(8).fill(zeros("gzip -c -n", BOMB / 8))));
+    tinyGzip = execFileSync("gzip", ["-c", "-n"], { input: "x" });
+  });
+
+  for (const kind of ["zstd", "gzip"]) {
+    test(`${kind}: nothing more is decompressed than the consumer takes, in chunks of at most 1 MiB`, async () => {
+      const bomb = bombs.get(kind)!;
+      assert.ok(bomb.length < 2 << 20, `${kind} bomb of ${bomb.length} bytes`);
+      assert.equal(sniffCompression(bomb), kind);
+      const before = await liveBuffers();
+      const it = openLayerStream(chunks(bomb, 64 << 10), { label: "layer 1" })[Symbol.asyncIterator]();
+      for (let i = 0; i < 4; i++) {
+        const r = await it.next();
+        assert.ok(!r.done);
+        assert.ok(r.value.length <= OUTPUT_CHUNK, `chunk of ${r.value.length} bytes`);
+      }
+      // The consumer stops pulling. gzip inflates on the thread pool: 64 thread-pool round trips of
+      // our own give it as many chances to inflate one more chunk, were it not waiting for us.
+      for (let i = 0; i < 64; i++) await gunzipAsync(tinyGzip);
+      const held = (await liveBuffers()) - before;
+      await it.return(undefined);
+      assert.ok(held < BOUND, `${held} bytes held after 4 chunks were taken`);
+
+      // Read to the end, the whole bomb comes out, in full chunks.
+      let total = 0;
+      let largest = 0;
+      for await (const c of openLayerStream(chunks(bomb, 64 << 10))) {
+        total += c.length;
+        largest = Math.max(largest, c.length);
+      }
+      assert.equal(total, BOMB);
+      assert.equal(largest, OUTPUT_CHUNK);
+    });
+  }
 });
