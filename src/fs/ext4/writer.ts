@@ -9,15 +9,9 @@
 import { type FileHandle, open } from "node:fs/promises";
 import { KilnError } from "../../errors.js";
 import { DataStream, isZeroRange, openDirect } from "../datastream.js";
-import {
-  ALL_BLOCKS,
-  type BlockRun,
-  mappedRuns,
-  placeRuns,
-  runBlocks,
-  writeSparseBlocks,
-} from "../file-blocks.js";
+import { ALL_BLOCKS, type BlockRun, mappedRuns, placeRuns, runBlocks, writeRegions } from "../file-blocks.js";
 import { layerRuns, writeRuns } from "../layer-runs.js";
+import { regionPieces } from "../sparse.js";
 import type { Staging } from "../staging.js";
 import { TimeSlices } from "../time-slices.js";
 import {
@@ -451,8 +445,8 @@ class BlockSink {
 
 /**
  * Streams each file's bytes to its blocks. Files' blocks were allocated back to back in dataOrder,
- * so each layer's files are one sequential stream (layers written at once: layer-runs.ts); holes of
- * sparse files must read as zeros.
+ * so each layer's files are one sequential stream (layers written at once: layer-runs.ts); a sparse
+ * file arrives as its data regions only, its holes are left unmapped.
  */
 async function writeData(
   p: Plan,
@@ -469,31 +463,23 @@ async function writeData(
         if (stopped()) break;
         const node = p.byInode.get(inode);
         if (!node) fail("INTERNAL", "content source yielded a file that is not in the tree");
+        const regions = inode.data?.sparse;
+        const path = () => pathOf(p.root, inode);
+        if (regions) {
+          // Only the data regions arrive: each goes to the blocks that map it, holes stay unwritten.
+          await writeRegions(physicalRuns(node), 0, regionPieces(regions, data, path), stream, path);
+          continue;
+        }
         let received = 0;
-        const check = (chunk: Buffer) => {
+        await stream.seek(node.start * BLOCK_SIZE);
+        for await (const chunk of data) {
           received += chunk.length;
           if (received > inode.size)
-            fail("INTERNAL", `${pathOf(p.root, inode)}: content longer than its size ${inode.size}`);
-        };
-        if (inode.data?.sparse) {
-          const runs = physicalRuns(node);
-          await writeSparseBlocks(
-            runs,
-            (run, logical) => (run.physical + logical - run.logical) * BLOCK_SIZE,
-            data,
-            stream,
-            check,
-            () => pathOf(p.root, inode),
-          );
-        } else {
-          await stream.seek(node.start * BLOCK_SIZE);
-          for await (const chunk of data) {
-            check(chunk);
-            await stream.put(chunk);
-          }
+            fail("INTERNAL", `${path()}: content longer than its size ${inode.size}`);
+          await stream.put(chunk);
         }
         if (received !== inode.size)
-          fail("INTERNAL", `${pathOf(p.root, inode)}: content has ${received} bytes, size is ${inode.size}`);
+          fail("INTERNAL", `${path()}: content has ${received} bytes, size is ${inode.size}`);
       }
     } catch (err) {
       // No write may still be in flight when the file is closed.
