@@ -4,8 +4,9 @@
  * blocks are written, and finally file contents stream in dataOrder as two sequential streams per
  * layer: each file's full blocks to the data area, and its slot (inode, xattrs, tail) to the files'
  * part of the metadata area, laid out in that same order. A sparse file is chunk-based (chunks.ts):
- * its data regions go to its stored chunks and its slot carries the block map. All-zero blocks are skipped: the output is
- * sparse. Nothing depends on the clock: UUID and times come from the caller and the tree.
+ * its data regions go to its stored chunks and its slot carries the block map. All-zero blocks are
+ * skipped: the output is sparse. Nothing depends on the clock: UUID and times come from the caller
+ * and the tree.
  */
 import { writeSync } from "node:fs";
 import { type FileHandle, open } from "node:fs/promises";
