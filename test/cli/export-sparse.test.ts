@@ -36,6 +36,8 @@ interface LayerCase {
   /** GNU tar's options for this layer's sparse format. */
   tar: string[];
   files: Record<string, SparseFile>;
+  /** An xattr set on a file (`setfattr`): EROFS puts its block map after the xattrs. */
+  xattr?: { file: string; name: string; value: string };
 }
 
 const LAYERS: LayerCase[] = [
@@ -75,7 +77,8 @@ const LAYERS: LayerCase[] = [
   },
   {
     // Holes found by reading (512-byte granularity): regions that are not 4 KiB aligned.
-    tar: ["--format=posix", "--hole-detection=raw"],
+    tar: ["--format=posix", "--hole-detection=raw", "--xattrs", "--xattrs-include=*"],
+    xattr: { file: "multi/file", name: "user.kiln", value: "sparse-with-xattrs" },
     files: {
       "multi/file": {
         size: 40 * MiB + 5,
@@ -112,6 +115,8 @@ async function layerTar(dir: string, index: number, layer: LayerCase): Promise<s
       ]);
     }
   }
+  const x = layer.xattr;
+  if (x) await run("setfattr", ["-n", x.name, "-v", x.value, join(root, x.file)]);
   const tar = join(dir, `layer-${index}.tar`);
   await run("tar", ["-c", "-f", tar, "--sparse", ...layer.tar, "-C", root, ...Object.keys(layer.files)]);
   return tar;
@@ -154,6 +159,15 @@ function holeProbes(f: SparseFile): number[] {
   const probes = [0, f.size - 64, f.size / 2];
   for (const [o, d] of f.data) probes.push(o - 4 * KiB, o + d.length + 100, Math.floor((o + f.size) / 2));
   return probes.map((o) => Math.max(0, Math.min(f.size - 64, Math.floor(o)))).filter((o) => !inData(o));
+}
+
+/** Checks the xattr of the layers' case on a mounted tree (with `getfattr`). */
+async function checkXattr(mnt: string, only: readonly LayerCase[] = LAYERS): Promise<void> {
+  for (const { xattr } of only) {
+    if (!xattr) continue;
+    const got = await run("getfattr", ["--only-values", "-n", xattr.name, join(mnt, xattr.file)]);
+    assert.equal(got, xattr.value, `${xattr.file}: ${xattr.name}`);
+  }
 }
 
 /** Reads the mounted file's data at its offsets and zeros in its holes; returns its st_blocks. */
@@ -262,6 +276,7 @@ describe("sparse files through kiln export", () => {
       assert.deepEqual(await extentRuns(out, name), dataBlocks(f), `${name}: extents`);
       assert.match(await run("debugfs", ["-R", `stat /${name}`, out]), new RegExp(`Size: ${f.size}\\b`));
     }
+    assert.match(await run("debugfs", ["-R", "ea_list /multi/file", out]), /user\.kiln.*sparse-with-xattrs/);
     // The pull stages file data in the image file during pass 1 (data regions only).
     const fresh = await sandbox();
     try {
@@ -282,6 +297,7 @@ describe("sparse files through kiln export", () => {
         // Data blocks, and at most one extent tree block.
         assert.ok(blocks * 512 <= (mapped + 1) * BLOCK, `${name}: ${blocks} sectors`);
       }
+      await checkXattr(mnt);
     });
   });
 
@@ -302,6 +318,7 @@ describe("sparse files through kiln export", () => {
     if (!canMount) return;
     await withMount(out, "erofs", async (mnt) => {
       for (const [name, f] of Object.entries(ALL)) await checkMounted(mnt, name, f);
+      await checkXattr(mnt);
     });
   });
 
@@ -315,6 +332,7 @@ describe("sparse files through kiln export", () => {
       if (!canMount) continue;
       await withMount(image, "erofs", async (mnt) => {
         for (const [name, f] of Object.entries(layer.files)) await checkMounted(mnt, name, f);
+        await checkXattr(mnt, [layer]);
       });
     }
   });
