@@ -9,8 +9,8 @@
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { createReadStream, statSync } from "node:fs";
-import { mkdir, open, stat, writeFile } from "node:fs/promises";
+import { createReadStream, existsSync, statSync } from "node:fs";
+import { mkdir, mkdtemp, open, stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { readTar } from "../../src/tar/reader.js";
@@ -334,6 +334,27 @@ describe("sparse files through kiln export", () => {
         for (const [name, f] of Object.entries(layer.files)) await checkMounted(mnt, name, f);
         await checkXattr(mnt, [layer]);
       });
+    }
+  });
+
+  it("a file past ext4's 16 TiB: ext4 refuses it naming it, EROFS holds it", async (t) => {
+    // Made on tmpfs (the disk's ext4 cannot hold such a file, even sparse).
+    if (!existsSync("/dev/shm")) return t.skip("no tmpfs at /dev/shm");
+    const shm = await mkdtemp("/dev/shm/kiln-sparse-");
+    const f: SparseFile = { size: 20 * TiB, data: [[19 * TiB + 5, bytes(4 * KiB, 12)]] };
+    try {
+      const tar = await layerTar(shm, 0, { tar: ["--format=posix"], files: { beyond: f } });
+      const image = await buildImage(join(work, "oci"), { tag: "beyond", layers: [{ tarFile: tar }] });
+      const beyond = (await pushImage(image, reg, "sparse/beyond:1")).ref;
+      await box.json(["pull", beyond]);
+      const r = await box.kiln(["export", beyond, "--format", "ext4", "-o", join(work, "beyond.ext4")]);
+      assert.match(assertFails(r, "TOO_LARGE"), /\/beyond is 21990232555520 bytes; ext4/);
+      const out = join(work, "beyond.erofs");
+      await box.json(["export", beyond, "--format", "erofs", "-o", out]);
+      await run("fsck.erofs", [out]);
+      if (canMount) await withMount(out, "erofs", (mnt) => checkMounted(mnt, "beyond", f));
+    } finally {
+      await removeDir(shm);
     }
   });
 

@@ -113,6 +113,8 @@ const LOST_FOUND = "lost+found";
 /** lost+found gets 16 KiB like mkfs makes it, so e2fsck can reconnect files without allocating. */
 const LOST_FOUND_BLOCKS = 4;
 const MAX_LINKS = 65000;
+/** Extents address logical blocks below 2^32 - 1: a (sparse) file beyond that cannot be mapped. */
+const MAX_FILE_SIZE = (2 ** 32 - 1) * BLOCK_SIZE;
 const FAST_SYMLINK_MAX = 59;
 
 const MODE_BITS: Record<Inode["type"], number> = {
@@ -282,6 +284,11 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
     } else if (inode.type === "symlink") {
       if (Buffer.byteLength(inode.target, "utf8") > FAST_SYMLINK_MAX) node.blocks = 1;
     } else if (inode.type === "file") {
+      if (inode.size > MAX_FILE_SIZE)
+        throw new KilnError(
+          "TOO_LARGE",
+          `${pathOf(withLostFound, inode)} is ${inode.size} bytes; ext4 with 4 KiB blocks holds files of at most ${MAX_FILE_SIZE}`,
+        );
       node.mapped = inode.data ? mappedRuns(inode.size, inode.data.sparse) : [];
       node.blocks = runBlocks(inode.size, node.mapped);
     }
