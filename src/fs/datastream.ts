@@ -132,10 +132,19 @@ export class DataStream {
     return this.#start + this.#fill;
   }
 
-  /** Zeros up to `position` (the padding of the previous file's last block); never backwards. */
+  /**
+   * Zeros up to `position` (the padding of the previous file's last block, a hole of a sparse
+   * file); never backwards. Zeros are never written, so a seek past the buffer sends what is
+   * buffered and moves on: a hole costs nothing, whatever its size.
+   */
   async seek(position: number): Promise<void> {
     if (position < this.position) {
       throw new KilnError("INTERNAL", `data stream: seek back from ${this.position} to ${position}`);
+    }
+    if (position - this.#start > CHUNK) {
+      if (this.#fill > 0) await this.#flush();
+      this.#start = position;
+      return;
     }
     while (this.position < position) {
       const n = Math.min(position - this.position, CHUNK - this.#fill);

@@ -1,10 +1,11 @@
 /**
- * Which 4 KiB blocks of a regular file hold data, and writing a sparse file's blocks: shared by the
+ * Which 4 KiB blocks of a regular file hold data, and writing a sparse file's data to them: shared by the
  * ext4 writer and the staging of file data during pass 1 (staging.ts), which must lay out each file
  * exactly as the writer does.
  */
 import { KilnError } from "../errors.js";
-import { type DataStream, isZeroRange } from "./datastream.js";
+import type { DataStream } from "./datastream.js";
+import type { Piece } from "./sparse.js";
 import type { Extent } from "./tree.js";
 
 export const FILE_BLOCK = 4096;
@@ -61,44 +62,24 @@ export function runBlocks(size: number, runs: readonly BlockRun[]): number {
 }
 
 /**
- * A sparse file's logical content, block by block: blocks of mapped runs go to `physical(logical)`
- * (a byte position), blocks outside them must be zeros.
+ * A sparse file's data pieces (sparse.ts) to the blocks of its placed runs: each piece at its
+ * logical offset within the run that maps it, starting at byte `base`. Holes are never touched.
  */
-export async function writeSparseBlocks<R extends BlockRun>(
-  runs: readonly R[],
-  physical: (run: R, logical: number) => number,
-  data: AsyncIterable<Buffer>,
+export async function writeRegions(
+  runs: readonly (BlockRun & { physical: number })[],
+  base: number,
+  pieces: AsyncIterable<Piece>,
   stream: DataStream,
-  check: (chunk: Buffer) => void,
   path: () => string,
 ): Promise<void> {
-  const block = Buffer.alloc(FILE_BLOCK);
-  let fill = 0;
-  let logical = 0;
   let run = 0;
-  const flush = async () => {
-    block.fill(0, fill);
-    while (run < runs.length && runs[run]!.logical + runs[run]!.length <= logical) run++;
+  for await (const { offset, bytes } of pieces) {
+    const block = Math.floor(offset / FILE_BLOCK);
+    while (run < runs.length && runs[run]!.logical + runs[run]!.length <= block) run++;
     const r = runs[run];
-    if (!r || r.logical > logical) {
-      if (!isZeroRange(block, 0, FILE_BLOCK))
-        throw new KilnError("INTERNAL", `${path()}: data inside a hole of a sparse file`);
-    } else {
-      await stream.seek(physical(r, logical));
-      await stream.put(block);
-    }
-    logical++;
-    fill = 0;
-  };
-  for await (const chunk of data) {
-    check(chunk);
-    let off = 0;
-    while (off < chunk.length) {
-      const n = chunk.copy(block, fill, off);
-      off += n;
-      fill += n;
-      if (fill === FILE_BLOCK) await flush();
-    }
+    if (!r || r.logical > block || offset + bytes.length > (r.logical + r.length) * FILE_BLOCK)
+      throw new KilnError("INTERNAL", `${path()}: data at offset ${offset} outside its mapped blocks`);
+    await stream.seek(base + (r.physical - r.logical) * FILE_BLOCK + offset);
+    await stream.put(bytes);
   }
-  if (fill > 0) await flush();
 }

@@ -18,9 +18,10 @@
 import { spawn } from "node:child_process";
 import { type FileHandle, open, rm, truncate } from "node:fs/promises";
 import { KilnError } from "../errors.js";
-import { materialize, type TarEntry } from "../tar/reader.js";
+import type { TarEntry } from "../tar/reader.js";
 import { DataStream, openDirect } from "./datastream.js";
-import { FILE_BLOCK, mappedRuns, placeRuns, runBlocks, writeSparseBlocks } from "./file-blocks.js";
+import { FILE_BLOCK, mappedRuns, placeRuns, runBlocks, writeRegions } from "./file-blocks.js";
+import { regionPieces } from "./sparse.js";
 import type { Inode } from "./tree.js";
 
 /** The provisional file spans 8 TiB: under ext4's largest file (16 TiB at 4 KiB blocks), far under XFS's. */
@@ -86,13 +87,13 @@ export class LayerStage {
     const stream = this.#stream;
     try {
       if (entry.sparse) {
-        await writeSparseBlocks(
+        const path = () => entry.header.path;
+        await writeRegions(
           placeRuns(runs, start),
-          (r, logical) => this.#base + (r.physical + logical - r.logical) * FILE_BLOCK,
-          tagged(materialize(entry)),
+          this.#base,
+          regionPieces(entry.sparse.map, tagged(entry.data()), path),
           stream,
-          () => {},
-          () => entry.header.path,
+          path,
         );
       } else {
         await stream.seek(this.#base + start * FILE_BLOCK);

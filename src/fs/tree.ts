@@ -41,7 +41,7 @@ export interface DataRef {
   readonly offset: number;
   /** Bytes stored in the archive for this entry (less than the file size when sparse). */
   readonly stored: number;
-  /** Sparse files: the data regions, in the order their bytes are stored. */
+  /** Sparse files: the data regions (ascending, disjoint), in the order their bytes are stored. */
   readonly sparse?: readonly Extent[] | undefined;
 }
 
@@ -236,8 +236,9 @@ export interface ContentOptions {
 /** The bytes of regular files, delivered in dataOrder. */
 export interface ContentSource {
   /**
-   * Yields each file's logical content (exactly `inode.size` bytes, holes of sparse files as zeros),
-   * in the order given, which must be dataOrder's. Each `data` must be consumed before the next item.
+   * Yields each file's stored bytes: its content (exactly `inode.size` bytes), or for a sparse file
+   * (`data.sparse`) its data regions back to back, never its holes (sparse.ts places them), in the
+   * order given, which must be dataOrder's. Each `data` must be consumed before the next item.
    * A chunk, once yielded, belongs to the consumer (it may be kept, batched): never reuse its memory,
    * unless the consumer says `transient`: it copies what it keeps before asking for the next chunk,
    * so the source may read the next ones into the same memory.
@@ -248,7 +249,7 @@ export interface ContentSource {
   ): AsyncIterable<{ inode: Inode; data: AsyncIterable<Buffer> }>;
 }
 
-/** A ContentSource over buffers in memory, for tests and tiny trees. */
+/** A ContentSource over buffers in memory (a sparse file's given whole), for tests and tiny trees. */
 export class MemoryContent implements ContentSource {
   readonly #bytes = new Map<Inode, Buffer>();
 
@@ -258,7 +259,11 @@ export class MemoryContent implements ContentSource {
 
   async *contents(files: readonly Inode[]): AsyncIterable<{ inode: Inode; data: AsyncIterable<Buffer> }> {
     for (const inode of files) {
-      const bytes = this.#bytes.get(inode) ?? Buffer.alloc(inode.size);
+      const logical = this.#bytes.get(inode) ?? Buffer.alloc(inode.size);
+      const regions = inode.data?.sparse;
+      const bytes = regions
+        ? Buffer.concat(regions.map((r) => logical.subarray(r.offset, r.offset + r.size)))
+        : logical;
       yield {
         inode,
         data: (async function* () {

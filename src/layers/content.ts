@@ -6,7 +6,7 @@
  */
 import { KilnError } from "../errors.js";
 import type { ContentOptions, ContentSource, Inode } from "../fs/tree.js";
-import { ByteReader, type ByteSource, isByteSource, sparseContent } from "../tar/reader.js";
+import { ByteReader, type ByteSource, isByteSource } from "../tar/reader.js";
 
 /**
  * Opens layer `index`'s uncompressed tar: a stream (e.g. openLayerStream over its blob), or a
@@ -48,17 +48,14 @@ export class LayerContent implements ContentSource {
         const what = `the data at offset ${ref.offset}`;
         await r.skip(ref.offset - r.position, what);
         const stored = r.take(ref.stored, `the end of the data at offset ${ref.offset}`);
-        if (ref.sparse) {
-          yield { inode, data: sparseContent(ref.sparse, inode.size, stored) };
-        } else {
-          if (ref.stored !== inode.size) {
-            throw new KilnError(
-              "INTERNAL",
-              `layer ${layer} offset ${ref.offset}: ${ref.stored} bytes stored for a ${inode.size}-byte file`,
-            );
-          }
-          yield { inode, data: stored };
+        // A sparse file's stored bytes are its data regions back to back (merge checked the map).
+        if (!ref.sparse && ref.stored !== inode.size) {
+          throw new KilnError(
+            "INTERNAL",
+            `layer ${layer} offset ${ref.offset}: ${ref.stored} bytes stored for a ${inode.size}-byte file`,
+          );
         }
+        yield { inode, data: stored };
       }
       // Read each layer to its end: that is where its diff ID is checked.
       if (reader) await reader.drain();

@@ -8,6 +8,7 @@ import { createReadStream, openSync } from "node:fs";
 import { posix } from "node:path";
 import type { Readable } from "node:stream";
 import { KilnError } from "../errors.js";
+import { logicalContent } from "../fs/sparse.js";
 import type { ContentSource, Inode } from "../fs/tree.js";
 import { fromText } from "../io/bytestring.js";
 import type { ImageRecord } from "../store/catalog.js";
@@ -182,7 +183,11 @@ export async function readTreeFiles(
   // LayerContent takes files in dataOrder: by layer, then by offset in the layer.
   const order = (f: Inode) => [f.data?.layer ?? -1, f.data?.offset ?? 0] as const;
   unique.sort((a, b) => order(a)[0] - order(b)[0] || order(a)[1] - order(b)[1]);
-  for await (const { inode, data } of imageContent(store, image).contents(unique)) await each(inode, data);
+  for await (const { inode, data } of imageContent(store, image).contents(unique))
+    await each(
+      inode,
+      logicalContent(inode, data, () => `layer ${inode.data?.layer} offset ${inode.data?.offset}`),
+    );
 }
 
 /**

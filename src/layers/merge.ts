@@ -385,7 +385,16 @@ class LayerState {
         throw new KilnError("INTERNAL", `layer ${this.layer}: sparse entry ${q(path)} came without its map`);
       }
       let total = 0;
+      let end = 0;
       for (const e of sparse) {
+        // Writers place regions in one forward pass: ascending and disjoint, or refused here.
+        if (e.offset < end) {
+          throw invalid(
+            this.layer,
+            `sparse file ${q(path)} has a region at ${e.offset} before the end ${end} of the last`,
+          );
+        }
+        end = e.offset + e.size;
         if (e.offset + e.size > size) {
           throw invalid(this.layer, `sparse file ${q(path)} has a region beyond its size ${size}`);
         }

@@ -229,3 +229,41 @@ test("a data stream's failed write is thrown by end(), once every other write ha
     assert.equal((outcome() as NodeJS.ErrnoException).code, "EIO");
     assert.equal(gated.state.inFlight, 0);
   }));
+
+test("a seek far ahead writes nothing between: the bytes land at their positions, the gap stays a hole", async () => {
+  const path = join(dir, "far-seek.img");
+  const size = 64 * 1024 * MiB;
+  const head = randomBytes(5000);
+  const middle = randomBytes(MiB + 3);
+  const tail = randomBytes(4096);
+  const fh = await open(path, "w");
+  try {
+    await fh.truncate(size);
+    const stream = new DataStream(fh, 0);
+    await stream.put(head);
+    await stream.seek(7 * 1024 * MiB + 123); // unaligned, far past the buffer
+    await stream.put(middle);
+    await stream.seek(size - tail.length);
+    await stream.put(tail);
+    await assert.rejects(stream.seek(0), /seek back/);
+    await stream.end();
+  } finally {
+    await fh.close();
+  }
+  const fh2 = await open(path, "r");
+  try {
+    const at = async (pos: number, n: number) => {
+      const b = Buffer.alloc(n);
+      await fh2.read(b, 0, n, pos);
+      return b;
+    };
+    assert.ok((await at(0, head.length)).equals(head));
+    assert.ok((await at(7 * 1024 * MiB + 123, middle.length)).equals(middle));
+    assert.ok((await at(size - tail.length, tail.length)).equals(tail));
+    assert.ok((await at(3 * 1024 * MiB, 4096)).equals(Buffer.alloc(4096)));
+  } finally {
+    await fh2.close();
+  }
+  // Only the written blocks are allocated (a few MiB, not 64 GiB).
+  assert.ok((await stat(path)).blocks * 512 < 8 * MiB);
+});

@@ -552,6 +552,22 @@ describe("sparse files", () => {
     const beyond: SparseInfo = { ...sparse, map: [{ offset: 995, size: 10 }] };
     await rejects(merge([e("s", { sparse: beyond, stored: 10 })]), "INVALID_ARCHIVE", '"s"', "beyond");
     await rejects(merge([e("s", { sparse, stored: 11 })]), "INVALID_ARCHIVE", '"s"');
+    // Writers place regions in one forward pass: out of order or overlapping is refused.
+    const twoMaps = [
+      [
+        { offset: 500, size: 5 },
+        { offset: 100, size: 5 },
+      ],
+      [
+        { offset: 100, size: 10 },
+        { offset: 105, size: 10 },
+      ],
+    ];
+    for (const m of twoMaps) {
+      const bad: SparseInfo = { ...sparse, map: m };
+      const stored = m[0]!.size + m[1]!.size;
+      await rejects(merge([e("s", { sparse: bad, stored })]), "INVALID_ARCHIVE", '"s"', "before the end");
+    }
   });
 });
 

@@ -38,6 +38,7 @@ import { createGzip } from "node:zlib";
 import { KilnError } from "../../errors.js";
 import { showBytes, toBytes } from "../../io/bytestring.js";
 import { DataStream, openDirect } from "../datastream.js";
+import { regionPieces } from "../sparse.js";
 import {
   type ContentSource,
   checkOwner,
@@ -76,7 +77,21 @@ const ZEROS = Buffer.alloc(BLOCK);
 /** Where the archive's bytes go. put copies what it is given: the caller may reuse it at once. */
 interface ArchiveSink {
   put(chunk: Buffer, from?: number, to?: number): Promise<void>;
+  /** `n` zero bytes (a hole of a sparse file, which newc cannot hold). */
+  zeros(n: number): Promise<void>;
   end(): Promise<void>;
+}
+
+/** Shared zeros that sinks copy from (never written into). */
+const ZERO_PIECE = Buffer.alloc(PIECE);
+
+/** The archive straight to the data stream: zeros are a seek there (they stay holes of the output). */
+function plainSink(stream: DataStream): ArchiveSink {
+  return {
+    put: (chunk, from, to) => stream.put(chunk, from, to),
+    zeros: (n) => stream.seek(stream.position + n),
+    end: () => stream.end(),
+  };
 }
 
 /**
@@ -105,6 +120,10 @@ class GzipSink implements ArchiveSink {
       from += n;
       if (this.#fill === PIECE) await this.#hand();
     }
+  }
+
+  async zeros(n: number): Promise<void> {
+    for (let left = n; left > 0; left -= PIECE) await this.put(ZERO_PIECE, 0, Math.min(left, PIECE));
   }
 
   async end(): Promise<void> {
@@ -199,6 +218,10 @@ async function writeArchive(
     total += to - from;
     return sink.put(b, from, to);
   };
+  const zeros = (n: number): Promise<void> => {
+    total += n;
+    return sink.zeros(n);
+  };
   // One header at a time, copied out by put before the next is encoded.
   const scratch = Buffer.alloc(MAX_HEADER);
   const header = (inode: Inode, path: string, filesize: number): Promise<void> =>
@@ -245,10 +268,22 @@ async function writeArchive(
     }
     await header(inode, path, inode.size);
     let got = 0;
-    for await (const chunk of data) {
-      got += chunk.length;
-      if (got > inode.size) break;
-      await put(chunk);
+    const regions = inode.data?.sparse;
+    if (regions) {
+      // Only the data regions arrive: the holes between them are zeros here.
+      for await (const piece of regionPieces(regions, data, () => display(path))) {
+        await zeros(piece.offset - got);
+        await put(piece.bytes);
+        got = piece.offset + piece.bytes.length;
+      }
+      await zeros(inode.size - got);
+      got = inode.size;
+    } else {
+      for await (const chunk of data) {
+        got += chunk.length;
+        if (got > inode.size) break;
+        await put(chunk);
+      }
     }
     if (got !== inode.size) {
       throw new KilnError(
@@ -308,7 +343,7 @@ export async function writeCpio(
         throw err;
       });
     } else {
-      await writeArchive(p, content, mtime, stream);
+      await writeArchive(p, content, mtime, plainSink(stream));
     }
     // The data stream leaves all-zero blocks as holes, the last one included: size the file.
     await fh.truncate(stream.position);

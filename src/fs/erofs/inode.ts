@@ -14,6 +14,12 @@ export const SLOT_SIZE = 32;
 export const FLAT_PLAIN = 0;
 /** Full blocks at raw_blkaddr, the last partial block right after the inode and its xattrs. */
 export const FLAT_INLINE = 2;
+/** Data in chunks whose block addresses (a block map, null for holes) follow the inode and its xattrs. */
+export const CHUNK_BASED = 4;
+/** Bytes of a block map entry: a chunk's first block, or NULL_ADDR for a chunk that is a hole. */
+export const BLOCK_MAP_ENTRY = 4;
+/** raw_blkaddr of an inode with no blocks, and the block map entry of a hole. */
+export const NULL_ADDR = 0xffffffff;
 
 /** erofs_dirent.file_type values (EROFS_FT_*). */
 export const DIRENT_TYPE: Record<FileType, number> = {
@@ -43,7 +49,7 @@ export interface InodeFields {
   mode: number;
   nlink: number;
   size: number;
-  /** raw_blkaddr for regular data, the encoded rdev for devices. */
+  /** raw_blkaddr for regular data, the chunk format of chunk-based files, the encoded rdev for devices. */
   u: number;
   ino: number;
   uid: number;

@@ -3,11 +3,13 @@
  * written (every size is known from the metadata):
  *
  *   block 0                superblock
- *   blocks 1..            regular files' full blocks, in dataOrder (so they stream in one pass)
+ *   blocks 1..            regular files' full blocks, in dataOrder (so they stream in one pass);
+ *                          a sparse file's stored chunks only (chunk-based: chunks.ts)
  *   then                   full blocks of directories and symlinks too big to inline
  *   meta_blkaddr..end      the metadata area: per inode, on 32-byte slots, the inode, its inline
  *                          xattrs, and its inline tail (last partial block of a file, directory or
- *                          symlink), the whole kept inside one block as the kernel requires. The
+ *                          symlink) or a sparse file's block map, the whole kept inside one block
+ *                          as the kernel requires when it fits one (a block map may span several). The
  *                          root and every inode without file data first (walk order), then regular
  *                          files with data in dataOrder: their slots, tails included, are written
  *                          as a second stream beside their blocks, in the one pass over the layers.
@@ -18,8 +20,11 @@
 import { KilnError } from "../../errors.js";
 import { quoteBytes, showBytes, toBytes } from "../../io/bytestring.js";
 import { checkOwner, compareNames, type Inode, sortDataOrder } from "../tree.js";
+import { type ChunkPlan, planChunks } from "./chunks.js";
 import { type DirEntry, type DirPlan, planDirBlocks } from "./dirent.js";
 import {
+  BLOCK_MAP_ENTRY,
+  CHUNK_BASED,
   COMPACT_SIZE,
   DIRENT_TYPE,
   EXTENDED_SIZE,
@@ -27,13 +32,12 @@ import {
   FLAT_INLINE,
   FLAT_PLAIN,
   fitsCompact,
+  NULL_ADDR,
   SLOT_SIZE,
 } from "./inode.js";
 import { BLOCK_SIZE } from "./superblock.js";
 import { encodeXattrs, NO_XATTRS_IBODY } from "./xattr.js";
 
-/** raw_blkaddr of an inode with no blocks (what mkfs.erofs writes too). */
-const NULL_ADDR = 0xffffffff;
 /** Linux symlink targets are shorter than PATH_MAX (4096 with the NUL). */
 const MAX_SYMLINK = 4095;
 const MAX_NAME = 255;
@@ -63,6 +67,8 @@ export interface Node {
   dir: { entries: DirRef[]; plan: DirPlan } | undefined;
   /** Symlinks: the target bytes. */
   target: Buffer | undefined;
+  /** Sparse files: chunk-based, their stored chunks (`blocks` of them) and block map (chunks.ts). */
+  chunks: ChunkPlan | undefined;
 }
 
 /** A dirent with the inode it names (its nid is known once slots are placed). */
@@ -96,6 +102,8 @@ export interface Layout {
   /** Bytes of the metadata area, a whole number of blocks. */
   metaBytes: number;
   totalBlocks: number;
+  /** Some inode is chunk-based (a superblock feature). */
+  chunked: boolean;
 }
 
 export interface LayoutOptions {
@@ -107,6 +115,9 @@ export interface LayoutOptions {
 const slotOf = (n: Node): number => n.offset / SLOT_SIZE;
 export const nidOf = slotOf;
 export const inodeSize = (n: Node): number => (n.extended ? EXTENDED_SIZE : COMPACT_SIZE);
+/** Bytes of a node's slot: inode, xattrs, and its inline tail or its block map (4-byte aligned already). */
+export const slotSize = (n: Node): number =>
+  inodeSize(n) + n.xattrs.length + n.tail + (n.chunks ? n.chunks.count * BLOCK_MAP_ENTRY : 0);
 
 /** A directory entry's name's length as stored; `dir` is the parent's node, for the message. */
 function checkName(name: string, dir: Node): number {
@@ -184,6 +195,7 @@ function visitTree(root: Inode): Visit {
       // Present on every node, so all nodes share one shape (property reads stay monomorphic).
       dir: undefined,
       target: undefined,
+      chunks: undefined,
     };
     // Only with xattrs: the message string would otherwise be built for every inode.
     if (inode.xattrs.size > 0) node.xattrs = encodeXattrs(inode.xattrs, `/${pathOf(node)}`);
@@ -282,7 +294,13 @@ export function planLayout(root: Inode, opts: LayoutOptions = {}): Layout {
       buildTimeNsec,
     );
     const hasData = inode.type === "file" || inode.type === "directory" || inode.type === "symlink";
-    if (hasData) {
+    if (inode.type === "file" && inode.data?.sparse) {
+      // Holes stay holes: only chunks that hold data get blocks.
+      node.chunks = planChunks(node.size, inode.data.sparse);
+      node.layout = CHUNK_BASED;
+      node.blocks = node.chunks.blocks;
+      node.u = node.chunks.bits;
+    } else if (hasData) {
       const tail = node.size % BLOCK_SIZE;
       if (inlineAllowed && tail > 0 && inodeSize(node) + node.xattrs.length + tail <= BLOCK_SIZE) {
         node.layout = FLAT_INLINE;
@@ -297,7 +315,10 @@ export function planLayout(root: Inode, opts: LayoutOptions = {}): Layout {
   // Blocks: regular files in dataOrder first, then directories and symlinks.
   let next = 1;
   const place = (node: Node): void => {
-    if (node.blocks > 0) {
+    if (node.chunks) {
+      node.chunks.start = next;
+      next += node.blocks;
+    } else if (node.blocks > 0) {
       node.u = next;
       next += node.blocks;
     } else if (node.layout === FLAT_INLINE || node.inode.type === "file" || node.inode.type === "directory") {
@@ -312,7 +333,7 @@ export function planLayout(root: Inode, opts: LayoutOptions = {}): Layout {
   // Slots: 32-byte aligned; a slot that fits in a block never straddles two.
   let offset = SLOT_SIZE;
   const placeSlot = (node: Node): void => {
-    const size = inodeSize(node) + node.xattrs.length + node.tail;
+    const size = slotSize(node);
     offset = Math.ceil(offset / SLOT_SIZE) * SLOT_SIZE;
     if (size <= BLOCK_SIZE && (offset % BLOCK_SIZE) + size > BLOCK_SIZE)
       offset = Math.ceil(offset / BLOCK_SIZE) * BLOCK_SIZE;
@@ -347,5 +368,6 @@ export function planLayout(root: Inode, opts: LayoutOptions = {}): Layout {
     metaBlkaddr,
     metaBytes,
     totalBlocks,
+    chunked: files.some((f) => byInode.get(f)!.chunks !== undefined),
   };
 }

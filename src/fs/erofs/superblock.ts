@@ -10,6 +10,8 @@ export const SUPER_OFFSET = 1024;
 export const SUPER_MAGIC = 0xe0f5e1e2;
 /** feature_compat bit: the superblock carries a crc32c of bytes 1024..blocksize. */
 export const FEATURE_COMPAT_SB_CHKSUM = 0x1;
+/** feature_incompat bit: some inodes are chunk-based (Linux 5.15+). */
+export const FEATURE_INCOMPAT_CHUNKED_FILE = 0x4;
 
 export interface SuperblockFields {
   rootNid: number;
@@ -25,6 +27,8 @@ export interface SuperblockFields {
   uuid: Buffer;
   /** At most 16 bytes of UTF-8. */
   volumeName: Buffer;
+  /** feature_incompat bits (FEATURE_INCOMPAT_*). */
+  featureIncompat?: number | undefined;
 }
 
 const CRC32C_TABLE = (() => {
@@ -68,7 +72,8 @@ export function encodeSuperblockBlock(f: SuperblockFields): Buffer {
   sb.writeUInt32LE(0, 44); // xattr_blkaddr: no shared xattrs
   f.uuid.copy(sb, 48);
   f.volumeName.copy(sb, 64);
-  // feature_incompat (80), compression fields, extra devices, dirblkbits (90): all 0.
+  sb.writeUInt32LE(f.featureIncompat ?? 0, 80);
+  // Compression fields, extra devices, dirblkbits (90): all 0.
   sb.writeUInt32LE(crc32cRaw(0xffffffff, sb), 4);
   return block;
 }

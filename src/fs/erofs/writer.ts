@@ -3,19 +3,23 @@
  * (layout.ts); then the superblock, the slots of inodes without file data and directory/symlink
  * blocks are written, and finally file contents stream in dataOrder as two sequential streams per
  * layer: each file's full blocks to the data area, and its slot (inode, xattrs, tail) to the files'
- * part of the metadata area, laid out in that same order. All-zero blocks are skipped: the output is
- * sparse. Nothing depends on the clock: UUID and times come from the caller and the tree.
+ * part of the metadata area, laid out in that same order. A sparse file is chunk-based (chunks.ts):
+ * its data regions go to its stored chunks and its slot carries the block map. All-zero blocks are
+ * skipped: the output is sparse. Nothing depends on the clock: UUID and times come from the caller
+ * and the tree.
  */
 import { writeSync } from "node:fs";
 import { type FileHandle, open } from "node:fs/promises";
 import { KilnError } from "../../errors.js";
 import { DataStream, openDirect } from "../datastream.js";
 import { layerRuns, writeRuns } from "../layer-runs.js";
+import { regionPieces } from "../sparse.js";
 import type { ContentSource, Inode } from "../tree.js";
+import { blockMap, type ChunkPlan, chunkOf, chunkPosition } from "./chunks.js";
 import { encodeDirBlock } from "./dirent.js";
 import { encodeInode, modeBits } from "./inode.js";
 import { inodeSize, type Layout, type Node, nidOf, pathOf, planLayout } from "./layout.js";
-import { BLOCK_SIZE, encodeSuperblockBlock } from "./superblock.js";
+import { BLOCK_SIZE, encodeSuperblockBlock, FEATURE_INCOMPAT_CHUNKED_FILE } from "./superblock.js";
 import { xattrCount } from "./xattr.js";
 
 export interface ErofsOptions {
@@ -157,6 +161,14 @@ async function writeContents(
         if (inode !== files[index] || !node)
           throw new KilnError("INTERNAL", "content source delivered files out of dataOrder");
         index++;
+        if (node.chunks) {
+          await meta.seek(metaBase + node.offset);
+          await meta.put(encodeSlot(node, slots));
+          for (const piece of blockMap(node.chunks)) await meta.put(piece);
+          if (node.blocks > 0) stream ??= new DataStream(fh, node.chunks.start * BLOCK_SIZE, direct);
+          await writeChunks(node, node.chunks, data, stream);
+          continue;
+        }
         const size = node.size;
         const inBlocks = node.tail > 0 ? node.blocks * BLOCK_SIZE : size;
         // The slot goes first; the tail, the file's last bytes, follows it in the same stream.
@@ -195,6 +207,25 @@ async function writeContents(
   });
 }
 
+/** A chunk-based file's data regions to its stored chunks; nothing of its holes is written. */
+async function writeChunks(
+  node: Node,
+  plan: ChunkPlan,
+  data: AsyncIterable<Buffer>,
+  stream: DataStream | undefined,
+): Promise<void> {
+  const path = () => `/${pathOf(node)}`;
+  let rank = 0;
+  for await (const { offset, bytes } of regionPieces(node.inode.data!.sparse!, data, path)) {
+    const chunk = chunkOf(plan, offset);
+    while (rank < plan.stored.length && plan.stored[rank]! < chunk) rank++;
+    if (plan.stored[rank] !== chunk || !stream)
+      throw new KilnError("INTERNAL", `${path()}: data at offset ${offset} in a chunk without blocks`);
+    await stream.seek(chunkPosition(plan, rank, offset));
+    await stream.put(bytes);
+  }
+}
+
 /** Writes `root` as an EROFS image at `out` (created or truncated); returns the image size. */
 export async function writeErofs(
   root: Inode,
@@ -223,6 +254,7 @@ export async function writeErofs(
         metaBlkaddr: layout.metaBlkaddr,
         uuid: opts.uuid,
         volumeName,
+        featureIncompat: layout.chunked ? FEATURE_INCOMPAT_CHUNKED_FILE : 0,
       }),
       0,
     );

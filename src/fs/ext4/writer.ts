@@ -10,15 +10,9 @@ import { type FileHandle, open } from "node:fs/promises";
 import { KilnError } from "../../errors.js";
 import { showBytes, toBytes } from "../../io/bytestring.js";
 import { DataStream, isZeroRange, openDirect } from "../datastream.js";
-import {
-  ALL_BLOCKS,
-  type BlockRun,
-  mappedRuns,
-  placeRuns,
-  runBlocks,
-  writeSparseBlocks,
-} from "../file-blocks.js";
+import { ALL_BLOCKS, type BlockRun, mappedRuns, placeRuns, runBlocks, writeRegions } from "../file-blocks.js";
 import { layerRuns, writeRuns } from "../layer-runs.js";
+import { regionPieces } from "../sparse.js";
 import type { Staging } from "../staging.js";
 import { TimeSlices } from "../time-slices.js";
 import {
@@ -121,6 +115,8 @@ const LOST_FOUND = "lost+found";
 /** lost+found gets 16 KiB like mkfs makes it, so e2fsck can reconnect files without allocating. */
 const LOST_FOUND_BLOCKS = 4;
 const MAX_LINKS = 65000;
+/** Extents address logical blocks below 2^32 - 1: a (sparse) file beyond that cannot be mapped. */
+const MAX_FILE_SIZE = (2 ** 32 - 1) * BLOCK_SIZE;
 const FAST_SYMLINK_MAX = 59;
 
 const MODE_BITS: Record<Inode["type"], number> = {
@@ -294,6 +290,11 @@ function plan(withLostFound: Inode, opts: Ext4Options): Plan {
     } else if (inode.type === "symlink") {
       if (inode.target.length > FAST_SYMLINK_MAX) node.blocks = 1;
     } else if (inode.type === "file") {
+      if (inode.size > MAX_FILE_SIZE)
+        throw new KilnError(
+          "TOO_LARGE",
+          `${pathOf(withLostFound, inode)} is ${inode.size} bytes; ext4 with 4 KiB blocks holds files of at most ${MAX_FILE_SIZE}`,
+        );
       node.mapped = inode.data ? mappedRuns(inode.size, inode.data.sparse) : [];
       node.blocks = runBlocks(inode.size, node.mapped);
     }
@@ -457,8 +458,8 @@ class BlockSink {
 
 /**
  * Streams each file's bytes to its blocks. Files' blocks were allocated back to back in dataOrder,
- * so each layer's files are one sequential stream (layers written at once: layer-runs.ts); holes of
- * sparse files must read as zeros.
+ * so each layer's files are one sequential stream (layers written at once: layer-runs.ts); a sparse
+ * file arrives as its data regions only, its holes are left unmapped.
  */
 async function writeData(
   p: Plan,
@@ -475,31 +476,23 @@ async function writeData(
         if (stopped()) break;
         const node = p.byInode.get(inode);
         if (!node) fail("INTERNAL", "content source yielded a file that is not in the tree");
+        const regions = inode.data?.sparse;
+        const path = () => pathOf(p.root, inode);
+        if (regions) {
+          // Only the data regions arrive: each goes to the blocks that map it, holes stay unwritten.
+          await writeRegions(physicalRuns(node), 0, regionPieces(regions, data, path), stream, path);
+          continue;
+        }
         let received = 0;
-        const check = (chunk: Buffer) => {
+        await stream.seek(node.start * BLOCK_SIZE);
+        for await (const chunk of data) {
           received += chunk.length;
           if (received > inode.size)
-            fail("INTERNAL", `${pathOf(p.root, inode)}: content longer than its size ${inode.size}`);
-        };
-        if (inode.data?.sparse) {
-          const runs = physicalRuns(node);
-          await writeSparseBlocks(
-            runs,
-            (run, logical) => (run.physical + logical - run.logical) * BLOCK_SIZE,
-            data,
-            stream,
-            check,
-            () => pathOf(p.root, inode),
-          );
-        } else {
-          await stream.seek(node.start * BLOCK_SIZE);
-          for await (const chunk of data) {
-            check(chunk);
-            await stream.put(chunk);
-          }
+            fail("INTERNAL", `${path()}: content longer than its size ${inode.size}`);
+          await stream.put(chunk);
         }
         if (received !== inode.size)
-          fail("INTERNAL", `${pathOf(p.root, inode)}: content has ${received} bytes, size is ${inode.size}`);
+          fail("INTERNAL", `${path()}: content has ${received} bytes, size is ${inode.size}`);
       }
     } catch (err) {
       // No write may still be in flight when the file is closed.
