@@ -181,6 +181,7 @@ async function prepare(
     platform: o.platform ? parsePlatform(o.platform) : undefined,
     outDir: target.outDir,
   });
+  for (const w of boot.warnings) process.stderr.write(`kiln: warning: ${w}\n`);
   let initrd = o.initrd ? resolve(o.initrd) : undefined;
   if (initrd === undefined) {
     if (target.dir === undefined) throw new KilnError("INTERNAL", "no directory for the initramfs");
