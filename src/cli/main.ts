@@ -354,7 +354,8 @@ function exportJson(r: ExportImageResult) {
 }
 
 function reportExport(g: GlobalOptions, r: ExportImageResult): void {
-  if (!g.json) for (const w of r.warnings) process.stderr.write(`kiln: warning: ${w}\n`);
+  // --json carries them; --quiet prints only what was asked for.
+  if (!g.json && !g.quiet) for (const w of r.warnings) process.stderr.write(`kiln: warning: ${w}\n`);
   if (g.json) json(exportJson(r));
   else if (g.quiet) out(r.out);
   else

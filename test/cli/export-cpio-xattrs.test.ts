@@ -88,6 +88,16 @@ describe("cpio export of an image with xattrs", { skip: notRoot }, () => {
     assert.doesNotMatch(r.stderr, /warning/);
   });
 
+  it("--quiet prints only what was asked for", async () => {
+    // A fresh build: the image again, without its cached exports.
+    await box.json(["rm", withXattrs]);
+    await box.json(["pull", withXattrs]);
+    const quiet = await box.kiln(["--quiet", "export", withXattrs, "--format", "cpio", "--compress", "gzip"]);
+    assert.equal(quiet.code, 0, quiet.stderr);
+    assert.equal(quiet.stderr, "");
+    assert.match(quiet.stdout, /\.cpio\n$/);
+  });
+
   it("no warning for an image without xattrs, nor for a format that keeps them", async () => {
     await box.json(["pull", plain]);
     const bare = await box.kiln(["export", plain, "--format", "cpio", "-o", join(work, "plain.cpio")]);
