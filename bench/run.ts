@@ -9,7 +9,9 @@
  *   - each writer's throughput on uncompressed layers (`kiln export`, its "writing" phase and whole);
  *   - warm pull (image present) and cached export, process start included;
  *   - a second image sharing the base layer: bytes downloaded (a counting proxy), beside skopeo;
- *   - peak RSS and cores used by each kiln command; output sizes beside the mkfs tools'.
+ *   - peak RSS and cores used by each kiln command; output sizes beside the mkfs tools';
+ *   - memory per entry: peak RSS of `kiln export` of a generated layer of 1,000,000 files
+ *     (bench/entries.ts; BENCH_IMAGES=entries runs it alone).
  *
  * Results go to bench/.results/<time>.json (and latest.json); `--compare FILE` prints each figure
  * beside an earlier run's.
@@ -37,6 +39,7 @@ import {
   startCountingProxy,
   table,
 } from "./common.js";
+import { benchEntries, ENTRIES_GOAL, type EntriesResult } from "./entries.js";
 import { ensureFixtures, type Fixture } from "./fixtures.js";
 
 const RUNS = Number(process.env.BENCH_RUNS ?? 3);
@@ -523,6 +526,29 @@ function targets(all: ImageResults[], sums: Record<string, Record<string, number
   ];
 }
 
+/** The generated many-entries image: one run (peak RSS hardly varies), each format. */
+function entriesReport(e: EntriesResult): string[] {
+  const perEntry = (rssMB: number) => `${((rssMB * 1000) / e.files).toFixed(2)} KB`;
+  return [
+    `Memory per entry (${e.files.toLocaleString("en")} one-line files in ${e.dirs.toLocaleString("en")} directories, ` +
+      `a ${mb(e.tarBytes)} tar generated in ${secs(e.generateSeconds)}, image by umoci in ${secs(e.imageSeconds)}; one run)`,
+    table([
+      ["", "seconds", "peak RSS", "per entry"],
+      ...Object.entries(e.export).map(([f, x]) => [
+        `kiln export → ${f}`,
+        secs(x.seconds),
+        `${x.rssMB.toFixed(0)} MB`,
+        perEntry(x.rssMB),
+      ]),
+    ]),
+  ];
+}
+
+function entriesTarget(e: EntriesResult): string {
+  const [format, worst] = Object.entries(e.export).reduce((a, b) => (b[1].rssMB > a[1].rssMB ? b : a));
+  return `${e.files.toLocaleString("en")} files ≤ ${ENTRIES_GOAL.rssMB} MB peak RSS (kiln export): worst ${worst.rssMB.toFixed(0)} MB (${format}, ${((worst.rssMB * 1000) / e.files).toFixed(2)} KB per entry) — ${worst.rssMB <= ENTRIES_GOAL.rssMB ? "met" : "NOT met"}`;
+}
+
 function compare(file: string, sums: Record<string, Record<string, number>>): string[] {
   const old = JSON.parse(readFileSync(file, "utf8")) as { summary: Record<string, Record<string, number>> };
   const rows = [["figure", "before", "now", "now/before"]];
@@ -542,9 +568,13 @@ async function main() {
   const log = (s: string) => process.stderr.write(`bench: ${s}\n`);
   if (!process.env.KILN_BENCH_NO_BUILD) sh("npm", ["run", "build", "--silent"]);
   mkdirSync(work, { recursive: true });
-  const fixtures = (await ensureFixtures(join(REPO_ROOT, "bench", ".cache"), log)).filter(
-    (f) => !ONLY || ONLY.includes(f.name),
-  );
+  // BENCH_IMAGES=entries needs no fixture.
+  const fixtures =
+    ONLY?.every((n) => n === "entries") === true
+      ? []
+      : (await ensureFixtures(join(REPO_ROOT, "bench", ".cache"), log)).filter(
+          (f) => !ONLY || ONLY.includes(f.name),
+        );
   const registry = await startRegistry();
   try {
     log("pushing the fixtures to a fresh registry");
@@ -564,20 +594,32 @@ async function main() {
         }
       }
     }
+    const entries =
+      !ONLY || ONLY.includes("entries")
+        ? await benchEntries(join(work, "entries"), KILN, FORMATS, log)
+        : undefined;
     const sums = Object.fromEntries(all.map((r) => [r.image, summarize(r)]));
+    if (entries) {
+      sums.entries = { importRssMB: entries.importRssMB, import: entries.importSeconds };
+      for (const [f, x] of Object.entries(entries.export)) {
+        sums.entries[`export.${f}`] = x.seconds;
+        sums.entries[`export.${f}.rssMB`] = x.rssMB;
+      }
+    }
     const lines = [
       `kiln bench, ${new Date().toISOString()}, ${availableParallelism()} cores, node ${process.version}, ${RUNS} run(s)`,
-      "",
-      ...report(all, sums),
+      ...(all.length ? ["", ...report(all, sums)] : []),
+      ...(entries ? ["", ...entriesReport(entries)] : []),
       "",
       "Targets",
-      ...targets(all, sums),
+      ...(all.length ? targets(all, sums) : []),
+      ...(entries ? [entriesTarget(entries)] : []),
     ];
     if (compareFile) lines.push("", ...compare(compareFile, sums));
     console.log(lines.join("\n"));
     mkdirSync(resultsDir, { recursive: true });
     const json = JSON.stringify(
-      { date: new Date().toISOString(), runs: RUNS, summary: sums, raw: all },
+      { date: new Date().toISOString(), runs: RUNS, summary: sums, raw: all, entries },
       null,
       2,
     );

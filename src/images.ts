@@ -223,6 +223,8 @@ export interface ExportImageResult {
   format: ExportFormat;
   /** The artifact came from the store's cache. */
   cached: boolean;
+  /** What the user should know about the output, one line each (e.g. xattrs cpio dropped). */
+  warnings: string[];
 }
 
 /**
@@ -257,7 +259,7 @@ async function exportInStore(
   };
   const r = await exportArtifact(store, image, options, { output: out, progress: opts.progress, prefetch });
   const bytes = out !== undefined ? (r.bytes ?? 0) : (r.artifact?.size ?? 0);
-  return { image, out: out ?? r.file, bytes, format: opts.format, cached: r.cached };
+  return { image, out: out ?? r.file, bytes, format: opts.format, cached: r.cached, warnings: r.warnings };
 }
 
 export interface PullExportOptions extends PullOptions {
@@ -341,6 +343,8 @@ export interface BootImage {
   files: string[];
   runtime: RuntimeConfig;
   cached: boolean;
+  /** What the user should know about the exported root (see ExportImageResult.warnings). */
+  warnings: string[];
 }
 
 /** What `kiln boot` and `kiln vm-config` need of an image: its exported root and how to run it. */
@@ -360,7 +364,7 @@ export async function prepareBootImage(arg: string, opts: BootImageOptions): Pro
       const list = JSON.parse(await readFile(join(path, "layers.json"), "utf8")) as LayerImagesList;
       files = list.layers.map((l) => join(path, l.file));
     }
-    return { image, format: opts.format, files, runtime, cached: r.cached };
+    return { image, format: opts.format, files, runtime, cached: r.cached, warnings: r.warnings };
   });
 }
 

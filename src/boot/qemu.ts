@@ -66,11 +66,17 @@ export interface QemuResult {
   panicked: boolean;
   /** What kiln's init said when it could not run the program (`kiln: error: …`), the last one. */
   guestError: string | undefined;
+  /** The kernel could not unpack the initrd: the rootfs tmpfs (half the memory) was full. */
+  initramfsFull: boolean;
+  /** The kernel panicked for want of memory (at boot: unpacking a large initrd can do it). */
+  outOfMemory: boolean;
 }
 
 const MARKER = /^kiln: exit status (\d+)$/;
 const INIT_ERROR = /^kiln: error: (.*)$/;
 const PANIC = /Kernel panic - not syncing/;
+const INITRAMFS_FULL = /Initramfs unpacking failed: write error/;
+const OUT_OF_MEMORY = /Kernel panic - not syncing: (System is deadlocked on memory|Out of memory)/;
 
 /**
  * Runs `argv` (from qemuArgs), passing the guest console to `out` with the serial line's CRLF as
@@ -86,6 +92,8 @@ export async function runQemu(
   });
   let guestStatus: number | undefined;
   let panicked = false;
+  let initramfsFull = false;
+  let outOfMemory = false;
   let guestError: string | undefined;
   let line = "";
   let pendingCr = false;
@@ -97,6 +105,8 @@ export async function runQemu(
       const m = MARKER.exec(l);
       if (m) guestStatus = Number(m[1]);
       if (PANIC.test(l)) panicked = true;
+      if (INITRAMFS_FULL.test(l)) initramfsFull = true;
+      if (OUT_OF_MEMORY.test(l)) outOfMemory = true;
       const e = INIT_ERROR.exec(l);
       if (e) guestError = e[1];
       line = line.slice(nl + 1);
@@ -126,5 +136,5 @@ export async function runQemu(
   });
   if (pendingCr) io.out.write("\r");
   scan("\n");
-  return { qemuCode: code, guestStatus, panicked, guestError };
+  return { qemuCode: code, guestStatus, panicked, guestError, initramfsFull, outOfMemory };
 }

@@ -61,6 +61,23 @@ export interface VmPlan {
   configDisk: { path: string; bytes: Buffer } | undefined;
 }
 
+/** Guest memory when the user gives none and the root needs no more. */
+export const DEFAULT_MEMORY_MIB = 512;
+/** The kernel, kiln's own initramfs unpacked, and the small files' page rounding in the tmpfs. */
+const INITRAMFS_OVERHEAD_MIB = 128;
+const MiB = 2 ** 20;
+
+/**
+ * Guest memory for a root when the user gives none. An initramfs root is unpacked into a tmpfs
+ * that may fill only half of the memory left beside the kernel and the archive itself (held until
+ * it is unpacked): so three times the initrd, plus the kernel's own, in 64 MiB steps.
+ */
+export function guestMemoryMiB(root: RootKind, initrdBytes: number): number {
+  if (root !== "initramfs") return DEFAULT_MEMORY_MIB;
+  const need = Math.ceil((3 * initrdBytes) / MiB) + INITRAMFS_OVERHEAD_MIB;
+  return Math.max(DEFAULT_MEMORY_MIB, Math.ceil(need / 64) * 64);
+}
+
 /** The architecture of an image platform's CPU, as kernels and QEMU name it. */
 export function archOf(architecture: string): Arch {
   if (architecture === "amd64" || architecture === "x86_64") return "x86_64";

@@ -12,7 +12,7 @@ import { copyFile, mkdir, open, readdir, readFile, rename, rm, stat } from "node
 import { freemem } from "node:os";
 import { dirname, join, relative, resolve } from "node:path";
 import { KilnError } from "../errors.js";
-import { writeCpio } from "../fs/cpio/writer.js";
+import { type DroppedXattrs, writeCpio } from "../fs/cpio/writer.js";
 import { openDirect, type Sink, writeSparse } from "../fs/datastream.js";
 import { writeErofs } from "../fs/erofs/writer.js";
 import { writeExt4 } from "../fs/ext4/writer.js";
@@ -300,6 +300,11 @@ export interface ExportResult {
    * under its pending path, trusted by later exports of this boot only, which fsync and rename it.
    */
   pending?: boolean | undefined;
+  /**
+   * What the user should know about a fresh build, one line each (e.g. the xattrs a cpio archive
+   * dropped). None for a result from the cache.
+   */
+  warnings: string[];
 }
 
 export interface ExportExtras {
@@ -356,7 +361,7 @@ export async function exportArtifact(
   const fromCache = async (artifact: ArtifactRecord, file: string): Promise<ExportResult> => {
     plan(true);
     const bytes = await copyOut(file, artifact.size);
-    return { artifact, file, cached: true, bytes };
+    return { artifact, file, cached: true, bytes, warnings: [] };
   };
 
   const boot = await bootId();
@@ -389,6 +394,7 @@ export async function exportArtifact(
   plan(false);
   const compressed = image.layers.reduce((n, l) => n + l.size, 0);
   const staging = await stagingFor(store, opts, extras);
+  const warnings: string[] = [];
   const build = async (dest: string, tmpPrefix: string) => {
     const files = new LayerFiles(store.blobs, image.layers, (i) => layerLabel(image, i), {
       spoolPrefix: `${tmpPrefix}.spool`,
@@ -402,7 +408,9 @@ export async function exportArtifact(
         report.phase("reading", compressed);
         const root = await mergedTree(files, image, report, extras.prefetch);
         report.phase("writing", compressed);
-        await writeFormat(root, layerContent(files, image, report), dest, image, opts, staging);
+        warnings.push(
+          ...(await writeFormat(root, layerContent(files, image, report), dest, image, opts, staging)),
+        );
       }
       report.end();
     } finally {
@@ -424,14 +432,16 @@ export async function exportArtifact(
         if (boot !== undefined) {
           const pending = pendingPath(final, boot);
           if (await keepClone(tmp, pending, tempIn(store, `clone-${key}`))) {
-            kept = { artifact: record(pending, size), file: pending, cached: false, pending: true };
+            kept = { artifact: record(pending, size), file: pending, cached: false, pending: true, warnings };
           }
         }
         return size;
       },
       staging?.path,
     );
-    return kept ? { ...kept, bytes } : { artifact: undefined, file: extras.output, cached: false, bytes };
+    return kept
+      ? { ...kept, bytes }
+      : { artifact: undefined, file: extras.output, cached: false, bytes, warnings };
   }
 
   const tmp = staging?.path ?? tempIn(store, `export-${key}`);
@@ -443,7 +453,7 @@ export async function exportArtifact(
     await mkdir(store.artifactsDir, { recursive: true });
     await rename(tmp, final);
     await fsyncPath(store.artifactsDir);
-    return { artifact: record(final, await pathSize(final)), file: final, cached: false };
+    return { artifact: record(final, await pathSize(final)), file: final, cached: false, warnings };
   } catch (err) {
     await rm(tmp, { force: true, recursive: true });
     throw err;
@@ -512,14 +522,15 @@ async function writeFormat(
   image: ImageRecord,
   opts: ExportOptions,
   staging: Staging | undefined,
-): Promise<void> {
+): Promise<string[]> {
   switch (opts.format) {
-    case "cpio":
-      await writeCpio(root, content, out, { compress: opts.compress ?? "none" });
-      return;
+    case "cpio": {
+      const { droppedXattrs } = await writeCpio(root, content, out, { compress: opts.compress ?? "none" });
+      return droppedXattrs.count > 0 ? [droppedXattrsWarning(droppedXattrs)] : [];
+    }
     case "erofs":
       await writeErofs(root, content, out, { uuid: derivedId(image.manifestDigest, "erofs-uuid") });
-      return;
+      return [];
     case "erofs-layers":
       throw new KilnError("INTERNAL", "erofs-layers is written by writeLayerImages");
     case "ext4":
@@ -531,8 +542,18 @@ async function writeFormat(
         journal: opts.journal,
         staging,
       });
-      return;
+      return [];
   }
+}
+
+/** One line naming what a cpio archive lost: capabilities and SELinux labels matter at boot. */
+function droppedXattrsWarning(d: DroppedXattrs): string {
+  const more = d.count > d.first.length ? `, and ${d.count - d.first.length} more` : "";
+  const names = d.names.length > 3 ? `${d.names.slice(0, 3).join(", ")}, …` : d.names.join(", ");
+  return (
+    `cpio cannot store extended attributes: dropped those of ${d.count} ${d.count === 1 ? "file" : "files"} ` +
+    `(${d.first.join(", ")}${more}; ${names}); use ext4 or erofs to keep them`
+  );
 }
 
 /** The manifest of an erofs-layers export: the images in overlay order, bottom first. */
@@ -566,6 +587,7 @@ async function writeLayerImages(
     const own = openLayerTree(i, { fixedTime: IMPLICIT_DIR_TIME, parentsFrom: merged.current });
     const tar = await files.tar(i, "headers", report.onBytes);
     for await (const entry of readTar(tar, { label: layerLabel(image, i) })) {
+      // The layer's own tree first: an opaque root reads the lower names that `below` then removes.
       own.add(entry);
       below.add(entry);
     }

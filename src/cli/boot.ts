@@ -58,7 +58,10 @@ function vmOptions(c: Command): Command {
       "modules for the initramfs (default: ../lib/modules/VERSION next to the kernel, if there)",
     )
     .option("--busybox <path>", "static busybox for the initramfs (default /bin/busybox)")
-    .option("--memory <size>", "guest memory, e.g. 512M, 2G (a bare number is MiB)", "512M")
+    .option(
+      "--memory <size>",
+      "guest memory, e.g. 512M, 2G (a bare number is MiB; default 512M, for cpio 3x the initrd plus 128M if more)",
+    )
     .addOption(new Option("--cpus <n>", "vCPUs").default(1).argParser(positiveInt))
     .option("--append <words>", "more kernel command line words")
     .option("--platform <os/arch[/variant]>", "which platform, when the store holds several for the ref")
@@ -72,7 +75,7 @@ interface VmFlags {
   initrd?: string;
   kernelModules?: string;
   busybox?: string;
-  memory: string;
+  memory?: string;
   cpus: number;
   append?: string;
   platform?: string;
@@ -164,10 +167,10 @@ async function prepare(
     outDir?: string | undefined;
   },
 ): Promise<Prepared> {
-  const { planVm, archOf } = await vmm();
+  const { planVm, archOf, guestMemoryMiB } = await vmm();
   const format = parseFormat(o.format);
   const kernel = await checkKernel(o.kernel);
-  const memory = memoryMiB(o.memory);
+  const memoryFlag = o.memory === undefined ? undefined : memoryMiB(o.memory);
   if (o.upper !== undefined && !existsSync(o.upper)) {
     throw new KilnError(
       "NOT_FOUND",
@@ -181,6 +184,7 @@ async function prepare(
     platform: o.platform ? parsePlatform(o.platform) : undefined,
     outDir: target.outDir,
   });
+  for (const w of boot.warnings) process.stderr.write(`kiln: warning: ${w}\n`);
   let initrd = o.initrd ? resolve(o.initrd) : undefined;
   if (initrd === undefined) {
     if (target.dir === undefined) throw new KilnError("INTERNAL", "no directory for the initramfs");
@@ -195,6 +199,9 @@ async function prepare(
     await concatInitrd(both, [boot.files[0]!, initrd]);
     initrd = both;
   }
+  // The cpio root is unpacked into guest memory: sized from the archive unless the user says.
+  const memory =
+    memoryFlag ?? guestMemoryMiB(rootKind(format), format === "cpio" ? (await stat(initrd)).size : 0);
   const plan = planVm({
     vmm: target.vmm,
     arch: archOf(boot.runtime.architecture),
@@ -324,6 +331,19 @@ export function bootCommand(): Command {
           return;
         }
         if (r.guestError) throw new KilnError("INTERNAL", `kiln's init in the guest: ${r.guestError}`);
+        if (r.initramfsFull) {
+          const initrdBytes = plan.spec.initrd ? (await stat(plan.spec.initrd)).size : 0;
+          throw new KilnError(
+            "TOO_LARGE",
+            `not enough guest memory for the initramfs (${plan.spec.memoryMiB} MiB for a ${formatBytes(initrdBytes)} initrd); use --memory`,
+          );
+        }
+        if (r.outOfMemory) {
+          throw new KilnError(
+            "TOO_LARGE",
+            `the guest ran out of memory (${plan.spec.memoryMiB} MiB; see the console above); use --memory`,
+          );
+        }
         if (r.panicked) throw new KilnError("INTERNAL", "the guest kernel panicked (see the console above)");
         if (r.qemuCode !== 0) throw new KilnError("INTERNAL", `${argv[0]} exited with status ${r.qemuCode}`);
         // An init system powers the VM off itself and reports no status.

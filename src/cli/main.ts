@@ -113,10 +113,10 @@ export function buildProgram(): Command {
         }
         const { pulled, exported } = result;
         if (g.json) json({ ...pullJson(pulled), export: exportJson(exported) });
-        else if (!g.quiet) {
-          out(summary(pulled, "Pulled"));
+        else {
+          if (!g.quiet) out(summary(pulled, "Pulled"));
           reportExport(g, exported);
-        } else out(exported.out);
+        }
         return;
       }
       let result: IngestResult;
@@ -349,10 +349,13 @@ function exportJson(r: ExportImageResult) {
     output: r.out,
     bytes: r.bytes,
     cached: r.cached,
+    warnings: r.warnings,
   };
 }
 
 function reportExport(g: GlobalOptions, r: ExportImageResult): void {
+  // --json carries them; --quiet prints only what was asked for.
+  if (!g.json && !g.quiet) for (const w of r.warnings) process.stderr.write(`kiln: warning: ${w}\n`);
   if (g.json) json(exportJson(r));
   else if (g.quiet) out(r.out);
   else

@@ -51,6 +51,8 @@ export interface LayerTreeOptions extends MergeOptions {
    * The merged layers below this one. A directory this layer needs but does not list then takes the
    * lower directory's mode, owner, time and xattrs: overlayfs shows a directory's attributes from
    * the topmost layer that has it, so a made-up 0755 root:root parent would hide the real one.
+   * An opaque marker at the layer's root reads its top-level names when it is added: give each entry
+   * to this sink before a flattened sink that changes this tree.
    */
   readonly parentsFrom?: Inode | undefined;
 }
@@ -146,7 +148,8 @@ export class TreeBuilder {
 /**
  * Per-layer mode, for overlayfs: one layer alone. `.wh.NAME` becomes an overlayfs whiteout (a char
  * device 0:0, mode 0) or, when the layer also has a directory NAME, makes that directory opaque;
- * `.wh..wh..opq` in D sets `trusted.overlay.opaque=y` on D. `trusted.overlay.*` xattrs from the tar
+ * `.wh..wh..opq` in D sets `trusted.overlay.opaque=y` on D, except at the root, where it becomes a
+ * whiteout of each name of `parentsFrom`'s root. `trusted.overlay.*` xattrs from the tar
  * itself are dropped: they would change how overlayfs reads the layer. A hardlink can only name an
  * entry of this layer.
  */
@@ -165,8 +168,8 @@ export function openLayerTree(
   layerIndex: number,
   opts: LayerTreeOptions,
 ): { add(entry: LayerEntry): void; close(): Inode } {
-  const state = new LayerState(layerIndex, opts.fixedTime, undefined);
-  return { add: (entry) => state.add(entry), close: () => state.finishOverlay(opts.parentsFrom) };
+  const state = new LayerState(layerIndex, opts.fixedTime, undefined, opts.parentsFrom);
+  return { add: (entry) => state.add(entry), close: () => state.finishOverlay() };
 }
 
 async function feed(entries: Entries, sink: { add(entry: LayerEntry): void }): Promise<void> {
@@ -193,6 +196,8 @@ class LayerState {
     readonly fixedTime: number,
     /** The merged lower layers (flattened mode); undefined in per-layer mode. */
     readonly lower: Inode | undefined,
+    /** Per-layer mode: LayerTreeOptions.parentsFrom. */
+    readonly parentsFrom?: Inode | undefined,
   ) {
     this.root = implicitDir(fixedTime);
   }
@@ -232,8 +237,13 @@ class LayerState {
     const parentComps = comps.slice(0, -1);
     if (kind.kind === "opaque") {
       this.#ensureDir(parentComps, path);
-      if (this.perLayer) this.#opaque.set(parentComps.join("/"), parentComps);
-      else this.#lowerDir(parentComps)?.entries?.clear();
+      if (!this.perLayer) this.#lowerDir(parentComps)?.entries?.clear();
+      else if (parentComps.length > 0) this.#opaque.set(parentComps.join("/"), parentComps);
+      else {
+        // overlayfs ignores trusted.overlay.opaque on a lower layer's root: a whiteout of every name
+        // below says it instead. Listed now, before this entry reaches (and empties) a flattened tree.
+        for (const name of this.parentsFrom?.entries?.keys() ?? []) this.#whiteouts.set(name, [name]);
+      }
       return;
     }
     if (kind.kind === "whiteout") {
@@ -437,8 +447,7 @@ class LayerState {
   }
 
   /** Per-layer mode, at the layer's end: whiteouts and opaque markers in overlayfs form. */
-  finishOverlay(parentsFrom?: Inode): Inode {
-    if (parentsFrom) this.#inheritParents(this.root, parentsFrom);
+  finishOverlay(): Inode {
     for (const comps of this.#whiteouts.values()) {
       const parent = this.#dirAt(comps.slice(0, -1));
       if (parent === undefined) continue; // replaced later in the layer by a non-directory
@@ -451,6 +460,7 @@ class LayerState {
         this.#opaque.set(comps.join("/"), comps);
       }
     }
+    if (this.parentsFrom) this.#inheritParents(this.root, this.parentsFrom, "");
     for (const comps of this.#opaque.values()) {
       const dir = this.#dirAt(comps);
       // A new map: the directory's may be shared (with a lower layer's inode, or NO_XATTRS).
@@ -459,17 +469,21 @@ class LayerState {
     return this.root;
   }
 
-  /** Gives each directory this layer made up the metadata of the lower directory at its path. */
-  #inheritParents(dir: Inode, lower: Inode | undefined): void {
+  /**
+   * Gives each directory this layer made up the metadata of the lower directory at its path, unless
+   * a whiteout or an opaque marker of this layer removed that one (then it is new, as when flattened).
+   */
+  #inheritParents(dir: Inode, lower: Inode | undefined, path: string): void {
     for (const [name, child] of dir.entries!) {
       if (child.type !== "directory") continue;
-      const below = lower?.entries?.get(name);
+      const here = path === "" ? name : `${path}/${name}`;
+      const below = this.#whiteouts.has(here) ? undefined : lower?.entries?.get(name);
       const lowerDir = below?.type === "directory" ? below : undefined;
       if (lowerDir && this.#implicit.has(child)) {
         copyDirMeta(lowerDir, child);
         child.xattrs = new Map([...lowerDir.xattrs].filter(([k]) => !k.startsWith(OVERLAY_XATTR_PREFIX)));
       }
-      this.#inheritParents(child, lowerDir);
+      this.#inheritParents(child, this.#opaque.has(here) ? undefined : lowerDir, here);
     }
   }
 

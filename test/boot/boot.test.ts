@@ -12,7 +12,7 @@ import { after, before, describe, it } from "node:test";
 import { gunzipSync } from "node:zlib";
 import { writeInitramfs } from "../../src/boot/initramfs.js";
 import { modinfo, resolveModules } from "../../src/boot/modules.js";
-import { REPO_ROOT, type Sandbox, sandbox } from "../cli/kiln.js";
+import { assertFails, REPO_ROOT, type Sandbox, sandbox } from "../cli/kiln.js";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
 import { buildImage, type EntrySpec, type ImageSpec, pushImage } from "../helpers/images.js";
 import { type Registry, startRegistry } from "../helpers/registry.js";
@@ -64,6 +64,7 @@ describe("kiln boot", () => {
   let numeric: string;
   let initImage: string;
   let initLinkImage: string;
+  let bigImage: string;
   const { kernel, modules } = testKernel();
 
   before(async () => {
@@ -146,11 +147,26 @@ describe("kiln boot", () => {
       ],
       config: { cmd: ["/usr/sbin/init"], architecture: "amd64", os: "linux" },
     });
+    // A 64 MiB incompressible file: a cpio root the kernel cannot unpack in a small guest.
+    const bigLayout = await buildImage(layers, {
+      tag: "big",
+      layers: [
+        [
+          ...base,
+          { path: "big", size: 64 * 2 ** 20 },
+          { path: "proc/", type: "dir" },
+          { path: "sys/", type: "dir" },
+          { path: "dev/", type: "dir" },
+        ],
+      ],
+      config: { cmd: ["/bin/echo", "big root booted"], architecture: "amd64", os: "linux" },
+    });
+    bigImage = (await pushImage(bigLayout, reg, "boot/big:1")).ref;
     app = (await pushImage(appLayout, reg, "boot/app:1")).ref;
     numeric = (await pushImage(numericLayout, reg, "boot/numeric:1")).ref;
     initImage = (await pushImage(initLayout, reg, "boot/init:1")).ref;
     initLinkImage = (await pushImage(linkLayout, reg, "boot/init-link:1")).ref;
-    for (const ref of [app, numeric, initImage, initLinkImage]) {
+    for (const ref of [app, numeric, initImage, initLinkImage, bigImage]) {
       const r = await box.kiln(["pull", ref]);
       assert.equal(r.code, 0, r.stderr);
     }
@@ -253,6 +269,22 @@ describe("kiln boot", () => {
     const r = await boot(initLinkImage, "cpio");
     assert.equal(r.code, 0, `stdout:\n${r.stdout}\nstderr:\n${r.stderr}`);
     assert.match(r.stdout, /^fake-init: pid=1 /m);
+  });
+
+  it("cpio: guest memory sized from the archive; an initramfs that does not fit is TOO_LARGE, not INTERNAL", async () => {
+    // Without --memory: 3x the initrd plus 128M (over 256M here), and it boots.
+    const sized = await boot(bigImage, "cpio", ["--verbose"]);
+    assert.equal(sized.code, 0, `stdout:\n${sized.stdout}\nstderr:\n${sized.stderr}`);
+    assert.match(sized.stdout, /^big root booted$/m);
+    const m = / -m (\d+)M? /.exec(sized.stderr);
+    assert.ok(m && Number(m[1]) > 256 && Number(m[1]) % 64 === 0, sized.stderr);
+    // 160M: the kernel's tmpfs (half the memory) fills while it unpacks the archive.
+    const full = await boot(bigImage, "cpio", ["--memory", "160M"]);
+    assert.match(full.stdout, /Initramfs unpacking failed: write error/);
+    assert.match(
+      assertFails(full, "TOO_LARGE"),
+      /^kiln: error \[TOO_LARGE\]: not enough guest memory for the initramfs \(160 MiB for a .*\); use --memory$/,
+    );
   });
 
   it("a kernel whose disk driver is a module, booted without modules: the init's error, in one line", async () => {

@@ -14,7 +14,13 @@ import {
   kernelCmdline,
   virtioDiskName,
 } from "../../src/boot/cmdline.js";
-import { cloudHypervisorArgs, planVm, qemuArgs } from "../../src/boot/vmm.js";
+import {
+  cloudHypervisorArgs,
+  DEFAULT_MEMORY_MIB,
+  guestMemoryMiB,
+  planVm,
+  qemuArgs,
+} from "../../src/boot/vmm.js";
 import { isKilnError } from "../../src/errors.js";
 import { type Sandbox, sandbox } from "../cli/kiln.js";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
@@ -150,6 +156,25 @@ describe("guest config and kernel command line", () => {
       () => planVm({ ...planArgs(), config: big, configDiskPath: undefined }),
       (e) => isKilnError(e, "TOO_LARGE") && /config disk/.test(e.message),
     );
+  });
+
+  it("guest memory: 512M for disk roots; an initramfs gets 3x the initrd plus 128M, in 64M steps", () => {
+    const MiB = 2 ** 20;
+    for (const root of ["ext4", "erofs", "erofs-layers"] as const) {
+      assert.equal(guestMemoryMiB(root, 4096 * MiB), DEFAULT_MEMORY_MIB);
+    }
+    assert.equal(DEFAULT_MEMORY_MIB, 512);
+    // Small archives keep the default.
+    for (const bytes of [0, 1, 64 * MiB, 128 * MiB]) assert.equal(guestMemoryMiB("initramfs", bytes), 512);
+    // The 185 MB archive that the default 512M could not unpack: 3 * 176.4 + 128 = 658 -> 704.
+    assert.equal(guestMemoryMiB("initramfs", 185_000_000), 704);
+    assert.equal(guestMemoryMiB("initramfs", 1024 * MiB), 3200);
+    for (let bytes = 100 * MiB; bytes < 3000 * MiB; bytes += 77 * MiB + 12345) {
+      const m = guestMemoryMiB("initramfs", bytes);
+      assert.equal(m % 64, 0, `${bytes}`);
+      assert.ok(m * MiB >= 3 * bytes + 128 * MiB, `${bytes} -> ${m}`);
+      assert.ok(m === 512 || m * MiB < 3 * bytes + 192 * MiB, `${bytes} -> ${m}`);
+    }
   });
 
   it("QEMU doubles commas in drive paths; Cloud Hypervisor refuses them", () => {

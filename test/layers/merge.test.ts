@@ -9,6 +9,7 @@ import {
   buildLayerTree,
   type LayerEntry,
   OVERLAY_OPAQUE_XATTR,
+  openLayerTree,
   TreeBuilder,
 } from "../../src/layers/merge.js";
 import { classifyName, cleanPath } from "../../src/layers/paths.js";
@@ -634,6 +635,89 @@ describe("per-layer mode (overlayfs)", () => {
       );
     }
     assert.equal(get(root, "a").xattrs.size, 0);
+  });
+
+  test("an opaque root becomes whiteouts of the lower root's names (overlayfs ignores a root's xattr)", async () => {
+    const lower = [
+      e("etc/", { mode: 0o700, uid: 7 }),
+      f("etc/a", 1),
+      f("bin", 2),
+      e("usr/", { mode: 0o711 }),
+      f("usr/x", 3),
+      e("keep/", { mode: 0o700 }),
+      f("keep/k", 4),
+      e("opt/", { mode: 0o700 }),
+      e("opt/sub/", { mode: 0o700 }),
+    ];
+    const upper = [
+      f("etc/b", 10),
+      e("./.wh..wh..opq"),
+      e("usr/", { mode: 0o750 }),
+      f("usr/y", 11),
+      f("bin", 12),
+      f("new/n", 13),
+    ];
+    const root = await buildLayerTree(1, upper, { fixedTime: FIXED, parentsFrom: await merge(lower) });
+    // As src/build/export.ts does: each entry to this layer's tree, then to the flattened one below.
+    const merged = new TreeBuilder({ fixedTime: FIXED });
+    await merged.addLayer(0, lower);
+    const own = openLayerTree(1, { fixedTime: FIXED, parentsFrom: merged.current });
+    const below = merged.openLayer(1);
+    for (const entry of upper) {
+      own.add(entry);
+      below.add(entry);
+    }
+    assert.deepEqual(listing(own.close()), listing(root));
+    assert.deepEqual(listing(root), [
+      "bin file@1:12",
+      "etc directory",
+      "etc/b file@1:10",
+      "keep char",
+      "new directory",
+      "new/n file@1:13",
+      "opt char",
+      "usr directory",
+      "usr/y file@1:11",
+    ]);
+    assert.equal(root.xattrs.has(OVERLAY_OPAQUE_XATTR), false);
+    const opaque = (p: string) => get(root, p).xattrs.get(OVERLAY_OPAQUE_XATTR)?.toString();
+    assert.deepEqual([opaque("etc"), opaque("usr"), opaque("new")], ["y", "y", undefined]);
+    // Nothing below shows through: a parent the layer made up is new (as when flattened), not the lower one.
+    const etc = get(root, "etc");
+    assert.deepEqual([etc.mode, etc.uid, etc.mtime], [0o755, 0, FIXED]);
+    assert.equal(get(root, "usr").mode, 0o750);
+    const flat = await merge(lower, upper);
+    assert.deepEqual([get(flat, "etc").mode, get(flat, "etc").uid], [0o755, 0]);
+
+    // The bottom layer has nothing to hide: no whiteout, no xattr on the root.
+    const bottom = await buildLayerTree(0, [e(".wh..wh..opq"), f("a", 1)], { fixedTime: FIXED });
+    assert.deepEqual(listing(bottom), ["a file@0:1"]);
+    assert.equal(bottom.xattrs.has(OVERLAY_OPAQUE_XATTR), false);
+  });
+
+  test("below an opaque or whited-out directory, made-up parents do not take lower metadata", async () => {
+    const lower = await merge([
+      e("d/", { mode: 0o700 }),
+      e("d/s/", { mode: 0o700, uid: 3 }),
+      e("w/", { mode: 0o700 }),
+      e("k/", { mode: 0o711, uid: 4 }),
+    ]);
+    const root = await buildLayerTree(
+      1,
+      [e("d/.wh..wh..opq"), f("d/s/f", 1), e(".wh.w"), f("w/f", 2), f("k/f", 3)],
+      { fixedTime: FIXED, parentsFrom: lower },
+    );
+    const meta = (p: string) => [get(root, p).mode, get(root, p).uid];
+    // d keeps its lower metadata (the layer only empties it); d/s and w are new; k shows the lower k.
+    assert.deepEqual(
+      [meta("d"), meta("d/s"), meta("w"), meta("k")],
+      [
+        [0o700, 0],
+        [0o755, 0],
+        [0o755, 0],
+        [0o711, 4],
+      ],
+    );
   });
 
   test("trusted.overlay.* xattrs from the tar are dropped, others kept", async () => {

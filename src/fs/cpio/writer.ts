@@ -27,7 +27,7 @@
  * consumer links symlinks).
  *
  * Not representable, by design: xattrs (newc has no field; the kernel's only way is a non-standard
- * METADATA!!! extension, not used), sub-second times, times outside 1970..2106 (clamped), file
+ * METADATA!!! extension, not used; writeCpio reports the files that had some), sub-second times, times outside 1970..2106 (clamped), file
  * sizes of 4 GiB and more and paths longer than the kernel's PATH_MAX (both TOO_LARGE, naming the
  * file: the kernel would silently drop such entries).
  */
@@ -146,7 +146,21 @@ class GzipSink implements ArchiveSink {
   }
 }
 
+/** The xattrs an archive could not carry: how many inodes had some, and the first few. */
+export interface DroppedXattrs {
+  /** Inodes with xattrs (a hardlinked file counts once). */
+  count: number;
+  /** The paths of the first inodes with xattrs, in archive walk order, with a leading slash. */
+  first: string[];
+  /** The xattr names seen, sorted. */
+  names: string[];
+}
+
+/** How many paths DroppedXattrs names. */
+const DROPPED_SHOWN = 3;
+
 interface Plan {
+  dropped: DroppedXattrs;
   /** Runs 1 and 2: entries without file data, in archive order. */
   metadata: WalkItem[];
   /** Run 3: files with data, in dataOrder, with the name that carries their bytes. */
@@ -162,10 +176,19 @@ function plan(root: Inode): Plan {
   const items = [...walk(root)];
   const ino = new Map<Inode, number>();
   const dataPath = new Map<Inode, string>();
+  const dropped: DroppedXattrs = { count: 0, first: [], names: [] };
+  const names = new Set<string>();
   for (const item of items) {
     const { inode, path } = item;
     // Deterministic inode numbers: walk order, from 1 (0 reads as "no inode" to some tools).
-    if (!ino.has(inode)) ino.set(inode, ino.size + 1);
+    if (!ino.has(inode)) {
+      ino.set(inode, ino.size + 1);
+      if (inode.xattrs.size > 0) {
+        dropped.count++;
+        if (dropped.first.length < DROPPED_SHOWN) dropped.first.push(display(path));
+        for (const name of inode.xattrs.keys()) names.add(name);
+      }
+    }
     checkOwner(inode, display(path));
     if (inode.type === "file") {
       if (inode.size > MAX_FIELD) {
@@ -199,7 +222,15 @@ function plan(root: Inode): Plan {
   }
   const dirs = items.filter((i) => i.inode.type === "directory");
   const others = items.filter((i) => i.inode.type !== "directory" && dataPath.get(i.inode) !== i.path);
-  return { metadata: [...dirs, ...others], files: dataOrder(root), dataPath, ino, nlink: linkCounts(root) };
+  dropped.names = [...names].sort();
+  return {
+    dropped,
+    metadata: [...dirs, ...others],
+    files: dataOrder(root),
+    dataPath,
+    ino,
+    nlink: linkCounts(root),
+  };
 }
 
 function clampTime(seconds: number): number {
@@ -307,7 +338,8 @@ async function writeArchive(
  * Writes `root` as a newc cpio archive to `out` (created or truncated; callers pass a temp path
  * and rename it), streaming: file bytes are read once through `content` in dataOrder and never
  * held whole. The output is fsynced before the promise resolves; on failure the partial file is
- * removed. `bytes` is the size of the written file (compressed size with gzip).
+ * removed. `bytes` is the size of the written file (compressed size with gzip); `droppedXattrs`
+ * what newc could not carry, for the caller to tell the user.
  *
  * Reproducible: entry order, inode numbers and times come from the tree only. The gzip header has
  * no name and mtime 0 (Node's zlib writes none), so output depends only on the tree and zlib.
@@ -317,7 +349,7 @@ export async function writeCpio(
   content: ContentSource,
   out: string,
   opts: CpioOptions = {},
-): Promise<{ bytes: number }> {
+): Promise<{ bytes: number; droppedXattrs: DroppedXattrs }> {
   const compress = opts.compress ?? "none";
   if (compress !== "gzip" && compress !== "none") {
     throw new KilnError("INVALID_ARGUMENT", `cpio: unknown compression ${String(compress)} (gzip or none)`);
@@ -350,7 +382,7 @@ export async function writeCpio(
     await fh.sync();
     const { size } = await fh.stat();
     ok = true;
-    return { bytes: size };
+    return { bytes: size, droppedXattrs: p.dropped };
   } finally {
     await direct?.close();
     await fh.close();
