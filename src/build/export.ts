@@ -587,7 +587,6 @@ async function writeLayerImages(
     const own = openLayerTree(i, { fixedTime: IMPLICIT_DIR_TIME, parentsFrom: merged.current });
     const tar = await files.tar(i, "headers", report.onBytes);
     for await (const entry of readTar(tar, { label: layerLabel(image, i) })) {
-      // The layer's own tree first: an opaque root reads the lower names that `below` then removes.
       own.add(entry);
       below.add(entry);
     }

@@ -51,8 +51,6 @@ export interface LayerTreeOptions extends MergeOptions {
    * The merged layers below this one. A directory this layer needs but does not list then takes the
    * lower directory's mode, owner, time and xattrs: overlayfs shows a directory's attributes from
    * the topmost layer that has it, so a made-up 0755 root:root parent would hide the real one.
-   * An opaque marker at the layer's root reads its top-level names when it is added: give each entry
-   * to this sink before a flattened sink that changes this tree.
    */
   readonly parentsFrom?: Inode | undefined;
 }
@@ -168,7 +166,9 @@ export function openLayerTree(
   layerIndex: number,
   opts: LayerTreeOptions,
 ): { add(entry: LayerEntry): void; close(): Inode } {
-  const state = new LayerState(layerIndex, opts.fixedTime, undefined, opts.parentsFrom);
+  // The lower root's names as they are now: a flattened sink fed the same entries may empty it.
+  const lowerRootNames = [...(opts.parentsFrom?.entries?.keys() ?? [])];
+  const state = new LayerState(layerIndex, opts.fixedTime, undefined, opts.parentsFrom, lowerRootNames);
   return { add: (entry) => state.add(entry), close: () => state.finishOverlay() };
 }
 
@@ -198,6 +198,8 @@ class LayerState {
     readonly lower: Inode | undefined,
     /** Per-layer mode: LayerTreeOptions.parentsFrom. */
     readonly parentsFrom?: Inode | undefined,
+    /** Per-layer mode: the names at parentsFrom's root when the layer began (for an opaque root). */
+    readonly lowerRootNames: readonly string[] = [],
   ) {
     this.root = implicitDir(fixedTime);
   }
@@ -241,8 +243,8 @@ class LayerState {
       else if (parentComps.length > 0) this.#opaque.set(parentComps.join("/"), parentComps);
       else {
         // overlayfs ignores trusted.overlay.opaque on a lower layer's root: a whiteout of every name
-        // below says it instead. Listed now, before this entry reaches (and empties) a flattened tree.
-        for (const name of this.parentsFrom?.entries?.keys() ?? []) this.#whiteouts.set(name, [name]);
+        // below says it instead.
+        for (const name of this.lowerRootNames) this.#whiteouts.set(name, [name]);
       }
       return;
     }

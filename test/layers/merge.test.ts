@@ -658,16 +658,20 @@ describe("per-layer mode (overlayfs)", () => {
       f("new/n", 13),
     ];
     const root = await buildLayerTree(1, upper, { fixedTime: FIXED, parentsFrom: await merge(lower) });
-    // As src/build/export.ts does: each entry to this layer's tree, then to the flattened one below.
-    const merged = new TreeBuilder({ fixedTime: FIXED });
-    await merged.addLayer(0, lower);
-    const own = openLayerTree(1, { fixedTime: FIXED, parentsFrom: merged.current });
-    const below = merged.openLayer(1);
-    for (const entry of upper) {
-      own.add(entry);
-      below.add(entry);
+    // As src/build/export.ts does: each entry to this layer's tree and to the flattened one below
+    // (which empties its root at the marker), in either order.
+    for (const ownFirst of [true, false]) {
+      const merged = new TreeBuilder({ fixedTime: FIXED });
+      await merged.addLayer(0, lower);
+      const own = openLayerTree(1, { fixedTime: FIXED, parentsFrom: merged.current });
+      const below = merged.openLayer(1);
+      for (const entry of upper) {
+        if (ownFirst) own.add(entry);
+        below.add(entry);
+        if (!ownFirst) own.add(entry);
+      }
+      assert.deepEqual(listing(own.close()), listing(root), ownFirst ? "own first" : "below first");
     }
-    assert.deepEqual(listing(own.close()), listing(root));
     assert.deepEqual(listing(root), [
       "bin file@1:12",
       "etc directory",
