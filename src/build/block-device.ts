@@ -1,5 +1,6 @@
 /** Writing a finished image onto a block device in place (a disk, a partition, a loop device). */
-import { open, readFile, stat } from "node:fs/promises";
+import { constants } from "node:fs";
+import { type FileHandle, open, readFile, stat } from "node:fs/promises";
 import { KilnError } from "../errors.js";
 
 /** A block device's size in bytes, from sysfs (Linux); undefined where it cannot be read. */
@@ -30,6 +31,27 @@ export async function checkFitsDevice(path: string, bytes: number): Promise<void
   }
 }
 
+/**
+ * Refuses a block device something holds: a mounted filesystem, a partition in use, a device-mapper
+ * target.
+ */
+export async function checkDeviceFree(path: string): Promise<void> {
+  await (await openExclusive(path)).close();
+}
+
+/**
+ * Opens a block device read-write, without O_CREAT or O_TRUNC. O_EXCL claims it while it is written:
+ * Linux fails it with EBUSY on a device something holds.
+ */
+async function openExclusive(path: string): Promise<FileHandle> {
+  return open(path, constants.O_RDWR | constants.O_EXCL).catch((err: NodeJS.ErrnoException) => {
+    if (err.code === "EBUSY") {
+      throw new KilnError("INVALID_ARGUMENT", `cannot write ${path}: the device is in use (mounted?)`);
+    }
+    throw err;
+  });
+}
+
 const CHUNK = 1 << 20;
 
 /**
@@ -46,8 +68,7 @@ export async function writeToDevice(
   await checkFitsDevice(dev, size);
   const input = await open(src, "r");
   try {
-    // r+: no O_CREAT, no O_TRUNC.
-    const output = await open(dev, "r+");
+    const output = await openExclusive(dev);
     try {
       const buf = Buffer.allocUnsafe(CHUNK);
       let pos = 0;

@@ -7,6 +7,7 @@ import type { Stats } from "node:fs";
 import { lstat, readdir, readlink, realpath, stat } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
 import { KilnError } from "../errors.js";
+import { checkDeviceFree } from "./block-device.js";
 import { checkOutputDir } from "./publish.js";
 
 /** A format's result: one file (ext4, erofs, cpio) or a directory of files (erofs-layers). */
@@ -37,6 +38,9 @@ const MAX_LINKS = 40;
 export async function checkOutput(out: string, rules: OutputRules): Promise<OutputTarget> {
   const st = await stat(out).catch((err: NodeJS.ErrnoException) => {
     if (err.code === "ENOENT" || err.code === "ENOTDIR") return undefined;
+    if (err.code === "ELOOP") {
+      throw new KilnError("INVALID_ARGUMENT", `cannot write ${out}: too many levels of symbolic links`);
+    }
     throw err;
   });
   if (st === undefined) {
@@ -51,7 +55,9 @@ export async function checkOutput(out: string, rules: OutputRules): Promise<Outp
   if (st.isBlockDevice()) {
     if (rules.shape === "directory") throw refuse("it is a block device", "erofs-layers writes a directory");
     if (rules.devices === false) throw refuse("it is a block device", "give a file path");
-    return { path: await realpath(out), device: true };
+    const path = await realpath(out);
+    await checkDeviceFree(path);
+    return { path, device: true };
   }
   const special = specialKind(st);
   if (special) throw refuse(`it is a ${special}`, "kiln writes a file, a directory or a block device");
@@ -65,7 +71,10 @@ export async function checkOutput(out: string, rules: OutputRules): Promise<Outp
     if (rules.keepFiles && st.size > 0)
       throw refuse("the file exists and is not empty", "--force replaces it");
   }
-  return { path: await realpath(out), device: false };
+  const path = await realpath(out);
+  // Replacing it would remove everything on the filesystem first.
+  if (force && st.isDirectory() && dirname(path) === path) throw refuse("it is the filesystem root", "");
+  return { path, device: false };
 }
 
 function specialKind(st: Stats): string | undefined {

@@ -118,6 +118,20 @@ describe("-o: an output path is the user's", { skip: notRoot }, () => {
       assert.ok(onDevice.equals(ext4Bytes), "the device holds the image byte for byte");
       await run("e2fsck", ["-fn", node]);
 
+      // A mounted device is refused: writing under a live filesystem would corrupt it.
+      const mnt = join(dir, "mnt");
+      await mkdir(mnt);
+      await run("mount", ["-o", "ro", node, mnt]);
+      try {
+        const busy = assertFails(
+          await box.kiln(["export", ref, "--format", "ext4", "-o", node]),
+          "INVALID_ARGUMENT",
+        );
+        assert.match(busy, /in use/);
+      } finally {
+        await run("umount", [mnt]);
+      }
+
       const big = assertFails(
         await box.kiln(["export", "no-such:1", "--format", "ext4", "--size", "128M", "-o", node]),
         "TOO_LARGE",
@@ -180,6 +194,12 @@ describe("-o: an output path is the user's", { skip: notRoot }, () => {
     const forced = await box.kiln(["export", ref, "--format", "ext4", "--force", "-o", out]);
     assert.equal(forced.code, 0, forced.stderr);
     assert.ok((await readFile(out)).equals(ext4Bytes));
+
+    // Never the filesystem root, even with --force.
+    assertFails(
+      await box.kiln(["export", "no-such:1", "--format", "erofs-layers", "--force", "-o", "/"]),
+      "INVALID_ARGUMENT",
+    );
   });
 
   it("erofs-layers: refuses a non-empty directory and a file, keeps them; takes an empty one", async () => {
