@@ -8,7 +8,8 @@ import { lstat, mkdir, open, readdir, readFile, readlink, stat, symlink, writeFi
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
-import { buildImage } from "../helpers/images.js";
+import { buildImage, pushImage } from "../helpers/images.js";
+import { type Registry, startRegistry } from "../helpers/registry.js";
 import { assertFails, type Sandbox, sandbox } from "./kiln.js";
 
 const notRoot = process.getuid?.() !== 0 ? "needs root (mknod, losetup)" : false;
@@ -32,6 +33,8 @@ async function assertNoTemp(dir: string): Promise<void> {
 describe("-o: an output path is the user's", { skip: notRoot }, () => {
   let box: Sandbox;
   let work: string;
+  let reg: Registry;
+  let remote: string;
   const ref = "outpath/img:1";
   /** The same export to a fresh regular file: what every other output must hold. */
   let ext4Bytes: Buffer;
@@ -50,6 +53,8 @@ describe("-o: an output path is the user's", { skip: notRoot }, () => {
         [{ path: "etc/motd", content: "second layer\n" }],
       ],
     });
+    reg = await startRegistry();
+    remote = (await pushImage(layout, reg, "outpath:1")).ref;
     const imported = await box.kiln(["import", layout.dir, "--tag", ref]);
     assert.equal(imported.code, 0, imported.stderr);
     const plain = join(work, "plain");
@@ -62,6 +67,7 @@ describe("-o: an output path is the user's", { skip: notRoot }, () => {
     cpioBytes = await readFile(join(plain, "a.cpio"));
   });
   after(async () => {
+    await reg?.stop();
     await box?.cleanup();
     if (work) await removeDir(work);
   });
@@ -231,6 +237,27 @@ describe("-o: an output path is the user's", { skip: notRoot }, () => {
     const forced = await box.kiln(["export", ref, "--format", "erofs-layers", "--force", "-o", full]);
     assert.equal(forced.code, 0, forced.stderr);
     assert.deepEqual((await readdir(full)).sort(), ["layer-000.erofs", "layer-001.erofs", "layers.json"]);
+  });
+
+  it("pull --format: refused before the pull; a symlink's target gets the image", async () => {
+    const dir = join(work, "pull");
+    await mkdir(join(dir, "out"), { recursive: true });
+    const fresh = await sandbox();
+    try {
+      assertFails(
+        await fresh.kiln(["pull", remote, "--format", "cpio", "-o", join(dir, "out")]),
+        "INVALID_ARGUMENT",
+      );
+      assert.deepEqual(await fresh.json(["images"]), [], "nothing was pulled");
+      const link = join(dir, "link");
+      await symlink("target.cpio", link);
+      const r = await fresh.kiln(["pull", remote, "--format", "cpio", "-o", link]);
+      assert.equal(r.code, 0, r.stderr);
+      assert.ok((await lstat(link)).isSymbolicLink());
+      assert.ok((await readFile(join(dir, "target.cpio"))).equals(cpioBytes));
+    } finally {
+      await fresh.cleanup();
+    }
   });
 
   it("-o DIR/x with DIR missing names the directory", async () => {
