@@ -11,7 +11,8 @@ import { join } from "node:path";
 import type { RuntimeConfig } from "./boot/runtime.js";
 import type { ExportPrefetch, ExportProgress, LayerImagesList } from "./build/export.js";
 import type { ExportFormat } from "./build/formats.js";
-import { checkOutputDir, replaceAtomically } from "./build/publish.js";
+import { checkOutput, type OutputShape, type OutputTarget } from "./build/output-path.js";
+import { replaceAtomically } from "./build/publish.js";
 import { KilnError } from "./errors.js";
 import { parseReference } from "./reference/reference.js";
 import { parseConfig } from "./registry/manifest.js";
@@ -213,6 +214,11 @@ export interface ExportImageOptions extends LookupOptions {
   journal?: boolean | undefined;
   /** Phases, layers and bytes of the conversion and of the copy to `out`. */
   progress?: ExportProgress | undefined;
+  /**
+   * Replace what `out` holds where it is refused otherwise: a directory (single-file formats), a
+   * non-empty directory or a file (erofs-layers).
+   */
+  force?: boolean | undefined;
 }
 
 export interface ExportImageResult {
@@ -230,22 +236,44 @@ export interface ExportImageResult {
 /**
  * Writes an image of the store as a filesystem to `out` (replaced atomically), or, without `out`,
  * into the store's artifact cache (the result's `out` is then the cached file). A cached artifact is
- * copied (cloned where the filesystem can); a new one is written to `out` directly.
+ * copied (cloned where the filesystem can); a new one is written to `out` directly. A symlink at
+ * `out` is followed (its target is written); a block device is written in place; a character
+ * device, a FIFO, and what would lose data without `force`, are refused before any work.
  */
 export async function exportImage(
   arg: string,
   out: string | undefined,
   opts: ExportImageOptions,
 ): Promise<ExportImageResult> {
-  // Before the work, not after it.
-  if (out !== undefined) await checkOutputDir(out);
-  return withStore(opts, async (store) => exportInStore(store, lookup(store, arg, opts.platform), out, opts));
+  const target = await exportTarget(out, opts);
+  return withStore(opts, async (store) =>
+    exportInStore(store, lookup(store, arg, opts.platform), out, target, opts),
+  );
+}
+
+function shapeOf(format: ExportFormat): OutputShape {
+  return format === "erofs-layers" ? "directory" : "file";
+}
+
+/** `out` checked against the output rules (src/build/output-path.ts): before the work, not after it. */
+async function exportTarget(
+  out: string | undefined,
+  opts: Pick<ExportImageOptions, "format" | "force" | "size">,
+): Promise<OutputTarget | undefined> {
+  if (out === undefined) return undefined;
+  const target = await checkOutput(out, { shape: shapeOf(opts.format), force: opts.force });
+  if (target.device && opts.size !== undefined) {
+    const { checkFitsDevice } = await import("./build/block-device.js");
+    await checkFitsDevice(target.path, opts.size);
+  }
+  return target;
 }
 
 async function exportInStore(
   store: Store,
   image: ImageRecord,
   out: string | undefined,
+  target: OutputTarget | undefined,
   opts: ExportImageOptions,
   prefetch?: ExportPrefetch,
 ): Promise<ExportImageResult> {
@@ -257,9 +285,18 @@ async function exportInStore(
     free: opts.free,
     journal: opts.journal,
   };
-  const r = await exportArtifact(store, image, options, { output: out, progress: opts.progress, prefetch });
-  const bytes = out !== undefined ? (r.bytes ?? 0) : (r.artifact?.size ?? 0);
-  return { image, out: out ?? r.file, bytes, format: opts.format, cached: r.cached, warnings: r.warnings };
+  const done = (bytes: number, cached: boolean, warnings: string[], file: string) =>
+    ({ image, out: out ?? file, bytes, format: opts.format, cached, warnings }) satisfies ExportImageResult;
+  if (target?.device) {
+    // Built in the store (and cached there), then written onto the device from its first byte.
+    const { writeToDevice } = await import("./build/block-device.js");
+    const r = await exportArtifact(store, image, options, { progress: opts.progress, prefetch });
+    return done(await writeToDevice(r.file, target.path), r.cached, r.warnings, r.file);
+  }
+  const output = target?.path;
+  const r = await exportArtifact(store, image, options, { output, progress: opts.progress, prefetch });
+  const bytes = output !== undefined ? (r.bytes ?? 0) : (r.artifact?.size ?? 0);
+  return done(bytes, r.cached, r.warnings, r.file);
 }
 
 export interface PullExportOptions extends PullOptions {
@@ -282,13 +319,13 @@ export async function pullAndExport(
     import("./source/pull.js"),
     import("./build/export.js"),
   ]);
-  if (out !== undefined) await checkOutputDir(out);
+  const target = await exportTarget(out, opts.export);
   return withStore(opts, async (store) => {
-    const prefetch = prefetchFor(store, opts.export.format, out);
+    const prefetch = prefetchFor(store, opts.export.format, target?.device ? undefined : target?.path);
     try {
       const pulled = await pullInto(store, ref, { ...opts, tap: prefetch?.tap });
       opts.onPulled?.(pulled);
-      const exported = await exportInStore(store, pulled.image, out, opts.export, prefetch);
+      const exported = await exportInStore(store, pulled.image, out, target, opts.export, prefetch);
       return { pulled, exported };
     } finally {
       await prefetch?.close();
@@ -296,15 +333,25 @@ export async function pullAndExport(
   });
 }
 
-/** Creates an empty, sparse ext4 filesystem of `size` bytes (volumes, overlay uppers). */
+/**
+ * Creates an empty, sparse ext4 filesystem of `size` bytes (volumes, overlay uppers). An existing
+ * non-empty file or a directory at `out` is refused without `force` (it may be a disk with data); a
+ * device is always refused (a disk is a file here). A symlink is followed.
+ */
 export async function createDisk(
   out: string,
   size: number,
-  opts: { label?: string } = {},
+  opts: { label?: string; force?: boolean } = {},
 ): Promise<{ out: string; bytes: number }> {
+  const target = await checkOutput(out, {
+    shape: "file",
+    force: opts.force,
+    keepFiles: true,
+    devices: false,
+  });
   const { createEmptyExt4 } = await import("./fs/ext4/writer.js");
   // A fresh UUID per disk: two volumes attached to one VM must not share one.
-  const r = await replaceAtomically(out, (tmp) =>
+  const r = await replaceAtomically(target.path, (tmp) =>
     createEmptyExt4(tmp, size, { uuid: randomBytes(16), hashSeed: randomBytes(16), label: opts.label }),
   );
   return { out, bytes: r.bytes };

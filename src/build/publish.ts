@@ -1,13 +1,14 @@
 /** Writing user-visible outputs so that a failure never leaves a half-written file at the path. */
 import { randomBytes } from "node:crypto";
-import { rename, rm, stat } from "node:fs/promises";
+import { lstat, rename, rm, stat } from "node:fs/promises";
 import { dirname, join } from "node:path";
 import { KilnError } from "../errors.js";
 
 /**
  * Runs `write` on a temp path beside `out` (same filesystem, so the rename is atomic) and renames
  * the result over `out` only once it succeeded; on failure the temp path is removed and `out` is
- * left as it was. A directory result replaces a directory at `out`. `tmp`: a temp path chosen
+ * left as it was. A directory result replaces whatever is at `out`, and a file result replaces a
+ * directory there: callers check first what may be replaced (src/build/output-path.ts). `tmp`: a temp path chosen
  * beforehand, beside `out` (a staged image, src/fs/staging.ts).
  */
 export async function replaceAtomically<T>(
@@ -18,7 +19,12 @@ export async function replaceAtomically<T>(
   await checkOutputDir(out);
   try {
     const result = await write(tmp);
-    if ((await stat(tmp)).isDirectory()) await rm(out, { recursive: true, force: true });
+    // A directory on either side is not replaced by rename(2): the caller's checks allowed it to go.
+    const outIsDir = await lstat(out).then(
+      (st) => st.isDirectory(),
+      () => false,
+    );
+    if (outIsDir || (await stat(tmp)).isDirectory()) await rm(out, { recursive: true, force: true });
     await rename(tmp, out);
     return result;
   } catch (err) {

@@ -10,6 +10,7 @@ import { Command, Option } from "commander";
 import type { GuestConfig, RootKind } from "../boot/cmdline.js";
 import type { Accel, Vmm, VmPlan } from "../boot/vmm.js";
 import { EXPORT_FORMATS, type ExportFormat } from "../build/formats.js";
+import { checkOutput } from "../build/output-path.js";
 import { replaceAtomically } from "../build/publish.js";
 import { KilnError } from "../errors.js";
 import { type BootImage, prepareBootImage, type RuntimeConfig } from "../images.js";
@@ -38,7 +39,9 @@ export function initramfsCommand(): Command {
 
 async function buildInitramfs(output: string, modulesDir: string | undefined, busybox: string | undefined) {
   const { writeInitramfs } = await import("../boot/initramfs.js");
-  const r = await replaceAtomically(output, (tmp) => writeInitramfs(tmp, { modulesDir, busybox }));
+  // A symlink is followed; a device, a FIFO or a directory at the path is refused.
+  const { path } = await checkOutput(output, { shape: "file", devices: false });
+  const r = await replaceAtomically(path, (tmp) => writeInitramfs(tmp, { modulesDir, busybox }));
   if (r.missing.length > 0) {
     process.stderr.write(
       `kiln: warning: ${modulesDir} has neither a module nor a built-in driver for ${r.missing.join(", ")}\n`,

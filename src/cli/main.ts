@@ -46,6 +46,9 @@ function pullJson(r: IngestResult) {
   return { ...describeImage(r.image), downloaded: r.downloaded, present: r.present };
 }
 
+const FORCE_HELP =
+  "with -o: replace a directory (or, for erofs-layers, a non-empty directory or a file) at the path";
+
 export function buildProgram(): Command {
   const program = new Command("kiln")
     .description("Turn OCI and Docker container images into root filesystems that microVMs boot")
@@ -80,6 +83,7 @@ export function buildProgram(): Command {
     .option("--free <size>", "ext4: extra free space for a writable disk")
     .option("--journal", "ext4: add a journal, for a disk mounted read-write")
     .option("--compress <gzip|none>", "cpio: compress the archive", "none")
+    .option("--force", FORCE_HELP)
     .action(async (ref: string, o, cmd: Command) => {
       const g = globals(cmd);
       if (o.output !== undefined && !o.format) {
@@ -104,7 +108,7 @@ export function buildProgram(): Command {
         try {
           result = await pullAndExport(ref, o.output, {
             ...pullOpts,
-            export: { ...exportFlags(o), progress: exportProgress },
+            export: { ...exportFlags(o), force: o.force === true, progress: exportProgress },
             onPulled: () => progress?.stop?.(),
           });
         } finally {
@@ -165,17 +169,22 @@ export function buildProgram(): Command {
     .description("write an image of the store as a root filesystem")
     .argument("<ref>", "reference, or a unique prefix of the manifest digest")
     .requiredOption("--format <format>", `output format: ${EXPORT_FORMATS.join(", ")}`)
-    .option("-o, --output <path>", "file to write (replaced atomically); default: kept in the store")
+    .option(
+      "-o, --output <path>",
+      "file to write (replaced atomically; a symlink's target; a block device in place); default: kept in the store",
+    )
     .option("--size <size>", "ext4: exact size, e.g. 2G (default: content + metadata + headroom)")
     .option("--free <size>", "ext4: extra free space (and inodes) for a writable disk, e.g. 1G")
     .option("--journal", "ext4: add a journal (sized as mke2fs would), for a disk mounted read-write")
     .option("--compress <gzip|none>", "cpio: compress the archive", "none")
     .option("--platform <os/arch[/variant]>", "which platform, when the store holds several for the ref")
+    .option("--force", FORCE_HELP)
     .action(async (ref: string, o, cmd: Command) => {
       const g = globals(cmd);
       const r = await exportWithProgress(g, ref, o.output, {
         root: g.root,
         ...exportFlags(o),
+        force: o.force === true,
         platform: o.platform ? parsePlatform(o.platform) : undefined,
       });
       reportExport(g, r);
@@ -189,9 +198,13 @@ export function buildProgram(): Command {
     .argument("<path>", "file to write")
     .requiredOption("--size <size>", "size, e.g. 10G")
     .option("--label <label>", "volume label (at most 16 bytes)")
+    .option("--force", "replace an existing non-empty file (its data is lost)")
     .action(async (path: string, o, cmd: Command) => {
       const g = globals(cmd);
-      const r = await createDisk(path, sizeFlag("--size", o.size)!, { label: o.label });
+      const r = await createDisk(path, sizeFlag("--size", o.size)!, {
+        label: o.label,
+        force: o.force === true,
+      });
       if (g.json) json({ output: r.out, bytes: r.bytes });
       else if (g.quiet) out(r.out);
       else out(`Created ${r.out} (ext4, ${formatBytes(r.bytes)}, sparse)`);
