@@ -57,9 +57,12 @@ export function sizeFlag(flag: string, v: string | undefined): number | undefine
   return n;
 }
 
-export function positiveInt(v: string): number {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 1)
-    throw new KilnError("INVALID_ARGUMENT", `expected a positive integer, got "${v}"`);
-  return n;
+/** A commander argParser for `flag`: a positive integer, else INVALID_ARGUMENT naming the flag. */
+export function positiveInt(flag: string): (v: string) => number {
+  return (v) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 1)
+      throw new KilnError("INVALID_ARGUMENT", `${flag}: expected a positive integer, got "${v}"`);
+    return n;
+  };
 }
