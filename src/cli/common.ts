@@ -1,3 +1,4 @@
+import { statSync } from "node:fs";
 import type { Command } from "commander";
 import { KilnError } from "../errors.js";
 import type { IngestProgress } from "../images.js";
@@ -17,7 +18,15 @@ export const collect = (value: string, previous: string[] = []) => [...previous,
 
 export function globals(cmd: Command): GlobalOptions & { root: string } {
   const g = cmd.optsWithGlobals() as GlobalOptions;
-  return { ...g, root: g.root ?? defaultRoot() };
+  return { ...g, root: g.root === undefined ? defaultRoot() : checkRoot(g.root) };
+}
+
+/** --root checked before any work: an empty value would put the store in the working directory. */
+function checkRoot(root: string): string {
+  if (root.trim() === "") throw new KilnError("INVALID_ARGUMENT", "--root: empty; give the store directory");
+  const st = statSync(root, { throwIfNoEntry: false });
+  if (st && !st.isDirectory()) throw new KilnError("INVALID_ARGUMENT", `--root: ${root} is not a directory`);
+  return root;
 }
 
 export function out(text: string): void {

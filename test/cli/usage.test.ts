@@ -5,14 +5,24 @@
  */
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { stat } from "node:fs/promises";
+import { stat, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
 import { sampleImage } from "../helpers/fixtures.js";
 import { pushImage } from "../helpers/images.js";
 import { type Registry, startRegistry } from "../helpers/registry.js";
-import { assertFails, escapeRegExp, type KilnResult, type PullJson, type Sandbox, sandbox } from "./kiln.js";
+import {
+  assertFails,
+  childEnv,
+  escapeRegExp,
+  type KilnResult,
+  type PullJson,
+  REPO_ROOT,
+  runKiln,
+  type Sandbox,
+  sandbox,
+} from "./kiln.js";
 
 /** One JSON error object on stderr, nothing on stdout, exit 2; returns the message. */
 function assertJsonUsageError(r: KilnResult): string {
@@ -99,6 +109,19 @@ describe("usage errors", () => {
       assert.ok(!existsSync(box.root), "the store was not touched");
     });
   }
+
+  it("--root that is empty or not a directory: exit 2 before any work", async () => {
+    for (const [root, message] of [
+      ["", /^--root: empty; give the store directory$/],
+      [join(work, "a-file"), /^--root: .*a-file is not a directory$/],
+    ] as const) {
+      if (root) await writeFile(root, "");
+      const r = await runKiln(["--root", root, "images"], childEnv({}, box.dockerConfig));
+      const line = assertFails(r, "INVALID_ARGUMENT");
+      assert.match(line.replace(/^kiln: error \[INVALID_ARGUMENT\]: /, ""), message);
+    }
+    assert.ok(!existsSync(join(REPO_ROOT, "catalog.db")), "no store in the working directory");
+  });
 
   it("--help and --version still exit 0 on stdout", async () => {
     for (const args of [["--help"], ["export", "--help"], ["help", "initramfs"], ["--version"]]) {
