@@ -2,6 +2,7 @@
 import { constants } from "node:fs";
 import { type FileHandle, open, readFile, stat } from "node:fs/promises";
 import { KilnError } from "../errors.js";
+import { formatSize } from "../sizes.js";
 
 /** A block device's size in bytes, from sysfs (Linux); undefined where it cannot be read. */
 export async function blockDeviceSize(path: string): Promise<number | undefined> {
@@ -26,7 +27,8 @@ export async function checkFitsDevice(path: string, bytes: number): Promise<void
   if (bytes > size) {
     throw new KilnError(
       "TOO_LARGE",
-      `cannot write ${path}: the image (${bytes} bytes) is larger than the device (${size} bytes)`,
+      `cannot write ${path}: the image (${formatSize(bytes, "up")}) is larger than the device (${formatSize(size)})`,
+      { details: { bytes, deviceBytes: size } },
     );
   }
 }

@@ -65,7 +65,7 @@ function vmOptions(c: Command): Command {
       "--memory <size>",
       "guest memory, e.g. 512M, 2G (a bare number is MiB; default 512M, for cpio 3x the initrd plus 128M if more)",
     )
-    .addOption(new Option("--cpus <n>", "vCPUs").default(1).argParser(positiveInt))
+    .addOption(new Option("--cpus <n>", "vCPUs").default(1).argParser(positiveInt("--cpus")))
     .option("--append <words>", "more kernel command line words")
     .option("--platform <os/arch[/variant]>", "which platform, when the store holds several for the ref")
     .argument("<ref>", "image reference, or a unique prefix of its manifest digest")
@@ -86,7 +86,10 @@ interface VmFlags {
 
 function parseFormat(v: string): ExportFormat {
   if (!(EXPORT_FORMATS as readonly string[]).includes(v)) {
-    throw new KilnError("INVALID_ARGUMENT", `unknown format "${v}"; expected ${EXPORT_FORMATS.join(", ")}`);
+    throw new KilnError(
+      "INVALID_ARGUMENT",
+      `--format: unknown format "${v}"; expected ${EXPORT_FORMATS.join(", ")}`,
+    );
   }
   return v as ExportFormat;
 }

@@ -1,3 +1,4 @@
+import { statSync } from "node:fs";
 import type { Command } from "commander";
 import { KilnError } from "../errors.js";
 import type { IngestProgress } from "../images.js";
@@ -17,7 +18,15 @@ export const collect = (value: string, previous: string[] = []) => [...previous,
 
 export function globals(cmd: Command): GlobalOptions & { root: string } {
   const g = cmd.optsWithGlobals() as GlobalOptions;
-  return { ...g, root: g.root ?? defaultRoot() };
+  return { ...g, root: g.root === undefined ? defaultRoot() : checkRoot(g.root) };
+}
+
+/** --root checked before any work: an empty value would put the store in the working directory. */
+function checkRoot(root: string): string {
+  if (root.trim() === "") throw new KilnError("INVALID_ARGUMENT", "--root: empty; give the store directory");
+  const st = statSync(root, { throwIfNoEntry: false });
+  if (st && !st.isDirectory()) throw new KilnError("INVALID_ARGUMENT", `--root: ${root} is not a directory`);
+  return root;
 }
 
 export function out(text: string): void {
@@ -57,9 +66,12 @@ export function sizeFlag(flag: string, v: string | undefined): number | undefine
   return n;
 }
 
-export function positiveInt(v: string): number {
-  const n = Number(v);
-  if (!Number.isInteger(n) || n < 1)
-    throw new KilnError("INVALID_ARGUMENT", `expected a positive integer, got "${v}"`);
-  return n;
+/** A commander argParser for `flag`: a positive integer, else INVALID_ARGUMENT naming the flag. */
+export function positiveInt(flag: string): (v: string) => number {
+  return (v) => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 1)
+      throw new KilnError("INVALID_ARGUMENT", `${flag}: expected a positive integer, got "${v}"`);
+    return n;
+  };
 }

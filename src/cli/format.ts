@@ -1,15 +1,10 @@
 /** Human-readable sizes, durations and tables for the CLI. */
 
+import { formatSize } from "../sizes.js";
+
+/** Sizes in binary units, as they are read (see src/sizes.ts). */
 export function formatBytes(n: number): string {
-  if (!Number.isFinite(n)) return "?";
-  const units = ["B", "kB", "MB", "GB", "TB"];
-  let v = n;
-  let i = 0;
-  while (v >= 1000 && i < units.length - 1) {
-    v /= 1000;
-    i++;
-  }
-  return i === 0 ? `${v} B` : `${v.toFixed(v >= 100 ? 0 : 1)} ${units[i]}`;
+  return formatSize(n);
 }
 
 export function formatDuration(seconds: number): string {

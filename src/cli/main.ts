@@ -35,6 +35,7 @@ import {
 import { ago, formatBytes, shortDigest, table } from "./format.js";
 import { gcCommand } from "./gc.js";
 import { serveCommand } from "./serve.js";
+import { isHelpOrVersion, routeUsageErrors, usageError } from "./usage.js";
 
 function summary(r: IngestResult, verb: string): string {
   const img = r.image;
@@ -61,11 +62,6 @@ export function buildProgram(): Command {
     .option("-q, --quiet", "print only what was asked for (no progress)")
     .option("-v, --verbose", "more detail (progress lines when stderr is not a terminal)")
     .exitOverride();
-  // Usage errors get the same one-line shape as every other failure.
-  program.configureOutput({
-    outputError: (text, write) =>
-      write(`kiln: error [INVALID_ARGUMENT]: ${text.replace(/^error: /, "").trim()} (see kiln --help)\n`),
-  });
 
   program
     .command("pull")
@@ -76,7 +72,11 @@ export function buildProgram(): Command {
     .option("--insecure-registry <host[:port]>", "allow plain HTTP to this registry (repeatable)", collect)
     .option("--ca-file <file>", "extra PEM CA certificates to trust")
     .option("--registry-mirror <url>", "mirror for docker.io (repeatable)", collect)
-    .addOption(new Option("--concurrency <n>", "layers downloaded at once").default(3).argParser(positiveInt))
+    .addOption(
+      new Option("--concurrency <n>", "layers downloaded at once")
+        .default(3)
+        .argParser(positiveInt("--concurrency")),
+    )
     .option("--format <format>", `then export it: ${EXPORT_FORMATS.join(", ")}`)
     .option("-o, --output <path>", "with --format: file to write (default: kept in the store)")
     .option("--size <size>", "ext4: exact size, e.g. 2G")
@@ -89,6 +89,8 @@ export function buildProgram(): Command {
       if (o.output !== undefined && !o.format) {
         throw new KilnError("INVALID_ARGUMENT", "-o/--output needs --format");
       }
+      // Checked before anything is pulled.
+      const flags = o.format ? exportFlags(o) : undefined;
       const progress = await progressFor(g);
       const ac = abortOnSignal();
       const pullOpts = {
@@ -102,13 +104,13 @@ export function buildProgram(): Command {
         progress,
         signal: ac.signal,
       };
-      if (o.format) {
+      if (flags) {
         const exportProgress = await exportProgressFor(g);
         let result: { pulled: IngestResult; exported: ExportImageResult };
         try {
           result = await pullAndExport(ref, o.output, {
             ...pullOpts,
-            export: { ...exportFlags(o), force: o.force === true, progress: exportProgress },
+            export: { ...flags, force: o.force === true, progress: exportProgress },
             onPulled: () => progress?.stop?.(),
           });
         } finally {
@@ -286,13 +288,17 @@ export function buildProgram(): Command {
   program.addCommand(initramfsCommand());
   program.addCommand(vmConfigCommand());
   program.addCommand(bootCommand());
+  routeUsageErrors(program);
 
   return program;
 }
 
 function parseFormat(v: string): ExportFormat {
   if (!(EXPORT_FORMATS as readonly string[]).includes(v)) {
-    throw new KilnError("INVALID_ARGUMENT", `unknown format "${v}"; expected ${EXPORT_FORMATS.join(", ")}`);
+    throw new KilnError(
+      "INVALID_ARGUMENT",
+      `--format: unknown format "${v}"; expected ${EXPORT_FORMATS.join(", ")}`,
+    );
   }
   return v as ExportFormat;
 }
@@ -351,7 +357,7 @@ async function exportProgressFor(
 function parseCompress(v: string | undefined): "gzip" | "none" {
   if (v === undefined || v === "none") return "none";
   if (v === "gzip") return "gzip";
-  throw new KilnError("INVALID_ARGUMENT", `unknown compression "${v}"; expected gzip or none`);
+  throw new KilnError("INVALID_ARGUMENT", `--compress: unknown compression "${v}"; expected gzip or none`);
 }
 
 function exportJson(r: ExportImageResult) {
@@ -440,17 +446,15 @@ export async function main(argv: string[]): Promise<number> {
     await program.parseAsync(argv, { from: "user" });
     return typeof process.exitCode === "number" ? process.exitCode : 0;
   } catch (err) {
-    if (err instanceof CommanderError) {
-      // Help and version are successful exits; usage errors were already printed by commander.
-      return err.exitCode === 0 ? 0 : 2;
-    }
-    const e = toKilnError(err);
+    if (err instanceof CommanderError && isHelpOrVersion(err)) return err.exitCode === 0 ? 0 : 2;
+    const e = err instanceof CommanderError ? usageError(err) : toKilnError(err);
     if (wantsJson)
       process.stderr.write(
         `${JSON.stringify({ error: { code: e.code, message: e.message, ...(e.details ? { details: e.details } : {}) } })}\n`,
       );
     else process.stderr.write(`kiln: error [${e.code}]: ${e.message.split("\n")[0]}\n`);
     if (argv.includes("--verbose") && e.code === "INTERNAL" && e.stack) process.stderr.write(`${e.stack}\n`);
-    return 1;
+    // A usage error (2) is the caller's to fix; anything else (1) failed while working.
+    return e.code === "INVALID_ARGUMENT" ? 2 : 1;
   }
 }

@@ -14,7 +14,9 @@ export function serveCommand(): Command {
       "require Authorization: Bearer <token> on every request but /healthz (env KILN_TOKEN)",
     )
     .addOption(
-      new Option("--concurrency <n>", "builds at once (default: one per two cores)").argParser(positiveInt),
+      new Option("--concurrency <n>", "builds at once (default: one per two cores)").argParser(
+        positiveInt("--concurrency"),
+      ),
     )
     .option(
       "--default-format <format>",

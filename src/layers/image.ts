@@ -11,6 +11,7 @@ import { KilnError } from "../errors.js";
 import { logicalContent } from "../fs/sparse.js";
 import type { ContentSource, Inode } from "../fs/tree.js";
 import { fromText } from "../io/bytestring.js";
+import { formatSize } from "../sizes.js";
 import type { ImageRecord } from "../store/catalog.js";
 import type { Store } from "../store/store.js";
 import { readTar } from "../tar/reader.js";
@@ -222,7 +223,7 @@ export async function readImageFiles(
     if (r.inode.size > maxBytes) {
       throw new KilnError(
         "TOO_LARGE",
-        `${path} in the image is ${r.inode.size} bytes, more than the ${maxBytes} kiln reads from it`,
+        `${path} in the image is ${formatSize(r.inode.size, "up")}, more than the ${formatSize(maxBytes)} kiln reads from it`,
       );
     }
     wanted.set(path, r.inode);

@@ -33,7 +33,16 @@ function invalid(input: string, why: string): KilnError {
 
 /** Parses a user's image reference and normalizes it the way docker does. */
 export function parseReference(input: string): ImageRef {
-  const text = input.trim();
+  let text = input.trim();
+  // skopeo and crane users write the transport: `docker://` names the registry kiln reads anyway.
+  if (text.startsWith("docker://")) text = text.slice("docker://".length);
+  const scheme = /^[a-zA-Z][a-zA-Z0-9+.-]*:\/\//.exec(text);
+  if (scheme) {
+    throw invalid(
+      input,
+      `a registry reference has no scheme: use ${text.slice(scheme[0].length) || "host/repo:tag"}`,
+    );
+  }
   if (text === "") throw invalid(input, "empty name");
   if (/\s/.test(text)) throw invalid(input, "contains whitespace");
 

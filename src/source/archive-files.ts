@@ -8,6 +8,7 @@ import { join, posix } from "node:path";
 import { Readable, Transform } from "node:stream";
 import { KilnError } from "../errors.js";
 import { fromText } from "../io/bytestring.js";
+import { formatSize } from "../sizes.js";
 import { normalizeMemberName, type TarIndexEntry } from "../tar/scan.js";
 
 export interface StreamOptions {
@@ -35,7 +36,7 @@ function missing(path: string, name: string): KilnError {
 function tooLarge(path: string, name: string, size: number, max: number): KilnError {
   return new KilnError(
     "TOO_LARGE",
-    `${path}: member "${name}" is ${size} bytes, more than the ${max} allowed`,
+    `${path}: member "${name}" is ${formatSize(size, "up")}, more than the ${formatSize(max)} allowed`,
   );
 }
 

@@ -19,6 +19,7 @@ import {
   selectPlatform,
 } from "../registry/manifest.js";
 import { hostPlatform } from "../registry/platform.js";
+import { formatSize } from "../sizes.js";
 import type { ArchiveFiles } from "./archive-files.js";
 import {
   type ArchiveImage,
@@ -55,7 +56,7 @@ async function readDocument(files: ArchiveFiles, desc: Descriptor, what: string)
   if (desc.size > MAX_DOCUMENT_SIZE) {
     throw new KilnError(
       "TOO_LARGE",
-      `${files.path}: ${what} ${desc.digest} is ${desc.size} bytes, more than ${MAX_DOCUMENT_SIZE} allowed`,
+      `${files.path}: ${what} ${desc.digest} is ${formatSize(desc.size, "up")}, more than the ${formatSize(MAX_DOCUMENT_SIZE)} allowed`,
     );
   }
   if ((await files.size(name)) === undefined) {

@@ -382,7 +382,7 @@ describe("kiln vm-config", () => {
       [["--format", "ext4", "--initrd", initrd, "--upper", initrd], /erofs-layers/],
     ] as const) {
       const r = await box.kiln([...base, ...extra]);
-      assert.equal(r.code, 1, r.stdout);
+      assert.equal(r.code, 2, r.stdout);
       assert.match(r.stderr, /^kiln: error \[INVALID_ARGUMENT\]: /);
       assert.match(r.stderr, pattern);
       assert.equal(r.stderr.split("\n").length, 2, r.stderr);

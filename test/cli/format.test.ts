@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { describe, it } from "node:test";
 import { formatBytes, parseDuration, parseSize } from "../../src/cli/format.js";
+import { formatSize } from "../../src/sizes.js";
 
 describe("parseSize", () => {
   const cases: [string, number][] = [
@@ -16,9 +17,22 @@ describe("parseSize", () => {
   for (const bad of ["", "G", "10X", "-1G", "1e3", "ten"]) {
     it(`rejects ${JSON.stringify(bad)}`, () => assert.equal(parseSize(bad), undefined));
   }
-  it("formats bytes in decimal units", () => {
+  it("formats bytes in binary units, as sizes are read", () => {
     assert.equal(formatBytes(999), "999 B");
-    assert.equal(formatBytes(1_500_000), "1.5 MB");
+    assert.equal(formatBytes(1023), "1023 B");
+    assert.equal(formatBytes(1024), "1 KiB");
+    assert.equal(formatBytes(1_500_000), "1.4 MiB");
+    assert.equal(formatBytes(parseSize("300M")!), "300 MiB");
+    assert.equal(formatBytes(parseSize("10G")!), "10 GiB");
+    assert.equal(formatBytes(parseSize("1.5GiB")!), "1.5 GiB");
+    assert.equal(formatBytes(parseSize("2T")!), "2 TiB");
+    assert.equal(formatBytes(parseSize("4096T")!), "4096 TiB");
+  });
+  it("rounds a minimum up, so the figure printed is enough", () => {
+    assert.equal(formatSize(135266304, "up"), "129 MiB");
+    assert.equal(formatSize(135266304 + 1, "up"), "130 MiB");
+    assert.equal(formatSize(3 * 2 ** 20 + 1, "up"), "3.1 MiB");
+    assert.equal(formatSize(3 * 2 ** 20 + 1), "3 MiB");
   });
 });
 

@@ -135,7 +135,7 @@ describe("kiln images, inspect and rm", () => {
       const cells = line.split(/\s{2,}/);
       assert.equal(cells[2], "linux/amd64");
       assert.equal(cells[3], p.digest.slice(7, 19));
-      assert.match(cells[5]!, /^\d+(\.\d+)? (B|kB|MB)$/);
+      assert.match(cells[5]!, /^\d+(\.\d+)? (B|KiB|MiB)$/);
     }
   });
 

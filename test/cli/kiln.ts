@@ -107,9 +107,13 @@ export async function dockerConfigWithAuth(host: string, user: string, pass: str
   return dir;
 }
 
-/** A failed run: exit code 1 and exactly one stderr line `kiln: error [CODE]: …`; returns the line. */
+/**
+ * A failed run: exactly one stderr line `kiln: error [CODE]: …` and exit code 2 for a usage error
+ * (INVALID_ARGUMENT), 1 for anything else; returns the line.
+ */
 export function assertFails(r: KilnResult, code: string): string {
-  assert.equal(r.code, 1, `expected exit 1 with ${code}, got ${r.code}; stderr: ${r.stderr}`);
+  const exit = code === "INVALID_ARGUMENT" ? 2 : 1;
+  assert.equal(r.code, exit, `expected exit ${exit} with ${code}, got ${r.code}; stderr: ${r.stderr}`);
   const lines = r.stderr.split("\n");
   assert.equal(lines.length, 2, `expected one stderr line, got: ${JSON.stringify(r.stderr)}`);
   assert.equal(lines[1], "");

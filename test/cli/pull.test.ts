@@ -293,7 +293,7 @@ describe("kiln pull from docker-registry", () => {
       for (const l of layers) assert.ok(text.includes(l.digest.slice(7, 19)), `a bar for layer ${l.digest}`);
       assert.match(text, /total/);
       assert.match(text, /blob 3\/3/);
-      assert.match(text, /\d+(\.\d+)? (B|kB|MB)\/\d+(\.\d+)? (B|kB|MB)/, "bytes received / total");
+      assert.match(text, /\d+(\.\d+)? (B|KiB|MiB)\/\d+(\.\d+)? (B|KiB|MiB)/, "bytes received / total");
       assert.match(text, new RegExp(`Pulled ${escapeRegExp(ref)} linux/amd64`));
     } finally {
       await box.cleanup();

@@ -8,6 +8,7 @@ import { isKilnError, KilnError } from "../../src/errors.js";
 import { createEmptyExt4, writeExt4 } from "../../src/fs/ext4/writer.js";
 import { type ContentSource, type Inode, MemoryContent, newInode, walk } from "../../src/fs/tree.js";
 import { fromText, toText } from "../../src/io/bytestring.js";
+import { formatSize } from "../../src/sizes.js";
 import { pseudoRandomBytes as bytes } from "../helpers/bytes.js";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
 import { diffTrees, type EntryFacts, snapshotTree } from "../helpers/treecompare.js";
@@ -383,7 +384,8 @@ describe("ext4 sizes", () => {
       (err: unknown) => {
         assert.ok(isKilnError(err, "TOO_LARGE"));
         needed = (err.details as { needed: number }).needed;
-        assert.match(err.message, new RegExp(`needs at least ${needed} bytes`));
+        assert.ok(err.message.endsWith(`needs at least ${formatSize(needed, "up")}`), err.message);
+        assert.match(err.message, /^--size 2 MiB is too small/);
         return true;
       },
     );

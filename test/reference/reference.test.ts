@@ -35,6 +35,8 @@ describe("parseReference", () => {
     [`alpine:3.20@sha256:${HEX}`, `docker.io/library/alpine:3.20@sha256:${HEX}`],
     ["a/b-c/d__e/f.g:v1.2_3-x", "docker.io/a/b-c/d__e/f.g:v1.2_3-x"],
     ["Registry.Example.com/app", "Registry.Example.com/app:latest"],
+    ["docker://alpine:3.20", "docker.io/library/alpine:3.20"],
+    ["docker://127.0.0.1:5055/a/b:t", "127.0.0.1:5055/a/b:t"],
   ];
   for (const [input, want] of cases) {
     it(`${input} → ${want}`, () => assert.equal(formatReference(parseReference(input)), want));
@@ -81,12 +83,29 @@ describe("parseReference", () => {
     `${"a".repeat(256)}`,
     "ghcr.io/o/r:t:u",
     "host:port/x",
+    "docker://",
+    "docker://docker://alpine",
+    "oci://alpine",
   ];
   for (const input of bad) {
     it(`rejects ${JSON.stringify(input.length > 40 ? `${input.slice(0, 40)}…` : input)}`, () => {
       assert.throws(
         () => parseReference(input),
         (err) => isKilnError(err, "INVALID_REFERENCE") && err.message.includes("invalid reference"),
+      );
+    });
+  }
+});
+
+describe("parseReference with a URL scheme", () => {
+  for (const scheme of ["https", "http", "HTTPS"]) {
+    it(`refuses ${scheme}:// with a hint naming the reference without it`, () => {
+      assert.throws(
+        () => parseReference(`${scheme}://127.0.0.1:5000/app:1`),
+        (err) =>
+          isKilnError(err, "INVALID_REFERENCE") &&
+          err.message ===
+            `invalid reference "${scheme}://127.0.0.1:5000/app:1": a registry reference has no scheme: use 127.0.0.1:5000/app:1`,
       );
     });
   }

@@ -5,6 +5,7 @@
  */
 
 import { KilnError } from "../../errors.js";
+import { formatSize } from "../../sizes.js";
 import { crc32c } from "./crc32c.js";
 import { toExtents, treeBlocks } from "./extents.js";
 import { BLOCK_SIZE } from "./layout.js";
@@ -39,7 +40,7 @@ export function journalBlocksForSize(bytes: number): number {
   if (!Number.isSafeInteger(bytes) || blocks < MIN_JOURNAL_BLOCKS || blocks > MAX_JOURNAL_BLOCKS) {
     throw new KilnError(
       "INVALID_ARGUMENT",
-      `ext4 journal size ${bytes} bytes is out of range: ${MIN_JOURNAL_BLOCKS * BLOCK_SIZE} to ${MAX_JOURNAL_BLOCKS * BLOCK_SIZE} bytes`,
+      `ext4 journal size ${formatSize(bytes)} is out of range: ${formatSize(MIN_JOURNAL_BLOCKS * BLOCK_SIZE)} to ${formatSize(MAX_JOURNAL_BLOCKS * BLOCK_SIZE)}`,
     );
   }
   return blocks;

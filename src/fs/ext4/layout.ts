@@ -6,6 +6,7 @@
  */
 
 import { KilnError } from "../../errors.js";
+import { formatSize } from "../../sizes.js";
 
 export const BLOCK_SIZE = 4096;
 export const BLOCKS_PER_GROUP = 32768;
@@ -126,7 +127,7 @@ export function planGeometry(req: SizeRequest): Geometry {
   const needed = fitWithJournal(req, req.usedInodes, 0).blocks * BLOCK_SIZE;
   throw new KilnError(
     "TOO_LARGE",
-    `ext4 size ${req.size} bytes is too small for this tree: it needs at least ${needed} bytes`,
+    `--size ${formatSize(req.size)} is too small: the image needs at least ${formatSize(needed, "up")}`,
     { details: { size: req.size, needed } },
   );
 }
