@@ -1,5 +1,6 @@
-import { mkdir, rm } from "node:fs/promises";
-import { join, resolve } from "node:path";
+import { mkdir, rm, stat } from "node:fs/promises";
+import { dirname, join, resolve } from "node:path";
+import { KilnError } from "../errors.js";
 import { BlobStore } from "./blobs.js";
 import { Catalog, type ImageRecord } from "./catalog.js";
 import { deleteUnpinnedBlob } from "./gc.js";
@@ -20,8 +21,8 @@ export interface Store {
 /** Opens (creating as needed) the store at `root`, by default defaultRoot(). */
 export async function openStore(root: string = defaultRoot()): Promise<Store> {
   const layout = storeLayout(resolve(root));
-  await mkdir(layout.blobsDir, { recursive: true });
-  await mkdir(layout.tmpDir, { recursive: true });
+  await makeDirs(layout.blobsDir);
+  await makeDirs(layout.tmpDir);
   const catalog = Catalog.open(layout.catalogFile);
   return {
     root: layout.root,
@@ -31,6 +32,29 @@ export async function openStore(root: string = defaultRoot()): Promise<Store> {
     catalog,
     close: () => catalog.close(),
   };
+}
+
+/**
+ * `mkdir -p`, one directory at a time. Node 20's recursive mkdir never returns where mkdir fails with
+ * ENOENT below a parent that exists (under /proc); a dangling symlink or a file in the way is named.
+ */
+async function makeDirs(dir: string): Promise<void> {
+  const missing: string[] = [];
+  for (let d = dir; ; d = dirname(d)) {
+    const st = await stat(d).catch(() => undefined);
+    if (st?.isDirectory()) break;
+    if (st) throw new KilnError("STORE", `cannot create the store: ${d} is not a directory`);
+    missing.push(d);
+    if (dirname(d) === d) break;
+  }
+  for (const d of missing.reverse()) {
+    await mkdir(d).catch(async (err: NodeJS.ErrnoException) => {
+      // Another process may have made it meanwhile.
+      if (err.code === "EEXIST" && (await stat(d).catch(() => undefined))?.isDirectory()) return;
+      const why = err.code === "EEXIST" ? "a dangling symlink or another file is in the way" : err.message;
+      throw new KilnError("STORE", `cannot create the store directory ${d}: ${why}`, { cause: err });
+    });
+  }
 }
 
 /**

@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { existsSync } from "node:fs";
-import { stat, writeFile } from "node:fs/promises";
+import { stat, symlink, writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { after, before, describe, it } from "node:test";
 import { makeTempDir, removeDir, run } from "../helpers/exec.js";
@@ -121,6 +121,21 @@ describe("usage errors", () => {
       assert.match(line.replace(/^kiln: error \[INVALID_ARGUMENT\]: /, ""), message);
     }
     assert.ok(!existsSync(join(REPO_ROOT, "catalog.db")), "no store in the working directory");
+  });
+
+  // The timeout only turns a hang (Node's recursive mkdir under /proc) into a failure.
+  it("--root where no directory can be made: STORE naming it, no hang (a /proc path, a dangling link)", {
+    timeout: 120_000,
+  }, async () => {
+    const dangling = join(work, "dangling");
+    await symlink(join(work, "nowhere"), dangling);
+    for (const [root, message] of [
+      ["/proc/kiln-store", /cannot create the store directory \/proc\/kiln-store: ENOENT/],
+      [join(dangling, "store"), /cannot create the store directory .*dangling: a dangling symlink/],
+    ] as const) {
+      const r = await runKiln(["--root", root, "images"], childEnv({}, box.dockerConfig));
+      assert.match(assertFails(r, "STORE"), message);
+    }
   });
 
   it("--help and --version still exit 0 on stdout", async () => {
